@@ -1,0 +1,172 @@
+"""RAM blocks: a name and a page-aligned buffer in shared memory.
+
+Channels are separate processes that read and write the block's bytes
+directly (no page ever crosses a pipe), so a block must be backed by a file
+that another process can map: a ``multiprocessing.shared_memory`` segment
+(a file in /dev/shm), any file mapped shared, or a numpy array over either.
+We find that file from the buffer's address in /proc/self/maps rather than
+asking the caller, so every kind of buffer is accepted the same way and a
+private buffer (a plain numpy array, a bytearray) is refused up front
+instead of being saved from a stale copy.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import BlockError
+from .format import PAGE_SIZE, check_block_length, check_block_name
+
+
+@dataclass(frozen=True)
+class BlockSource:
+    """How a channel maps a block: ``length`` bytes of ``path`` from ``offset``."""
+
+    path: str
+    offset: int
+    length: int
+
+
+def _mappings_covering(address: int, length: int) -> list[tuple[int, int, str, int, str]]:
+    """The /proc/self/maps entries (start, end, perms, offset, path) that
+    cover [address, address + length), in address order."""
+    covering = []
+    with open("/proc/self/maps", encoding="utf-8", errors="surrogateescape") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if end <= address or start >= address + length:
+                continue
+            path = fields[5].rstrip("\n") if len(fields) > 5 else ""
+            covering.append((start, end, fields[1], int(fields[2], 16), path))
+    return covering
+
+
+def find_source(name: str, address: int, length: int) -> BlockSource:
+    """The shared file behind ``length`` bytes at ``address``, or a
+    :class:`BlockError` saying why a channel could not attach to it."""
+    covering = _mappings_covering(address, length)
+    if not covering or covering[0][0] > address:
+        raise BlockError(f"block {name!r}: its buffer is not mapped memory")
+    start, _, perms, offset, path = covering[0]
+    file_offset = offset + (address - start)
+    expected_start = start
+    for entry_start, entry_end, entry_perms, entry_offset, entry_path in covering:
+        # A mapping may be split in several entries (madvise, mprotect);
+        # they still form one buffer if they continue the same file.
+        contiguous = (entry_start == expected_start and entry_path == path
+                      and entry_offset == offset + (entry_start - start))
+        if not contiguous:
+            raise BlockError(f"block {name!r}: its buffer spans several mappings; "
+                             f"the channels need one shared mapping")
+        if "s" not in entry_perms:
+            raise BlockError(f"block {name!r}: its buffer is private memory; the "
+                             f"channels (other processes) cannot see it. Use "
+                             f"multiprocessing.shared_memory, or a file mapped "
+                             f"shared (for example under /dev/shm)")
+        expected_start = entry_end
+    if expected_start < address + length:
+        raise BlockError(f"block {name!r}: its buffer is not all mapped memory")
+    if not path.startswith("/") or path.endswith(" (deleted)"):
+        what = path or "anonymous memory"
+        raise BlockError(f"block {name!r}: its buffer is shared memory with no file "
+                         f"that another process can open ({what}); use "
+                         f"multiprocessing.shared_memory or a file under /dev/shm")
+    return BlockSource(path, file_offset, length)
+
+
+def _byte_view(buffer: Any) -> np.ndarray:
+    if isinstance(buffer, np.ndarray):
+        if not buffer.flags.c_contiguous:
+            raise BlockError("a block's numpy array must be C-contiguous")
+        return buffer.reshape(-1).view(np.uint8)
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise BlockError(f"a block's buffer must support the buffer protocol, not "
+                         f"{type(buffer).__name__}") from None
+    if not view.c_contiguous:
+        raise BlockError("a block's buffer must be C-contiguous")
+    return np.frombuffer(view.cast("B"), dtype=np.uint8)
+
+
+class RamBlock:
+    """A named RAM block over a shared, page-aligned buffer.
+
+    The buffer is used in place, never copied: the saver's channels map the
+    same file, and a restore writes into it.  Refused at construction, with
+    the reason: a name the format cannot hold, a length that is not a page
+    multiple, a buffer that is not page aligned or not shared.
+    """
+
+    def __init__(self, name: str, buffer: Any) -> None:
+        check_block_name(name)
+        array = _byte_view(buffer)
+        check_block_length(name, array.size)
+        address = array.ctypes.data
+        if address % PAGE_SIZE:
+            raise BlockError(f"block {name!r}: its buffer starts at 0x{address:x}, "
+                             f"which is not {PAGE_SIZE}-byte (page) aligned")
+        self.name = name
+        self.array = array
+        self.source = find_source(name, address, array.size)
+        self._keep = buffer  # the mapping must outlive us
+
+    @property
+    def length(self) -> int:
+        return self.array.size
+
+    @property
+    def pages(self) -> int:
+        return self.array.size // PAGE_SIZE
+
+    def __repr__(self) -> str:
+        return (f"RamBlock({self.name!r}, {self.length} bytes at "
+                f"{self.source.path}+{self.source.offset})")
+
+    @classmethod
+    def from_file(cls, name: str, path: str | os.PathLike, *, length: int | None = None,
+                  create: bool = False, writable: bool = True) -> "RamBlock":
+        """Map ``path`` shared as a block's buffer (created, or resized to
+        ``length``, when ``create``).  The file is never read into private
+        memory: a save reads the pages straight from the page cache."""
+        path = os.fspath(path)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_CREAT if create else 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as error:
+            raise BlockError(f"block {name!r}: cannot open {path}: "
+                             f"{error.strerror}") from None
+        try:
+            if create and length is not None:
+                os.ftruncate(fd, length)
+            size = os.fstat(fd).st_size
+            if length is not None and size != length:
+                raise BlockError(f"block {name!r}: {path} is {size} bytes, "
+                                 f"expected {length}")
+            check_block_length(f"{name}' from '{path}", size)
+            access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, access=access)
+        finally:
+            os.close(fd)
+        return cls(name, mapping)
+
+
+def attach(source: BlockSource, writable: bool) -> tuple[mmap.mmap, np.ndarray]:
+    """Map a block's bytes in this process (a channel) without copying."""
+    fd = os.open(source.path, os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        start = source.offset - source.offset % mmap.ALLOCATIONGRANULARITY
+        skip = source.offset - start
+        mapping = mmap.mmap(fd, source.length + skip, mmap.MAP_SHARED,
+                            access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ,
+                            offset=start)
+    finally:
+        os.close(fd)
+    array = np.frombuffer(mapping, dtype=np.uint8, count=source.length, offset=skip)
+    return mapping, array

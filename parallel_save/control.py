@@ -1,0 +1,150 @@
+"""The control segment: the small shared memory through which the
+coordinator and its channels exchange everything but messages.
+
+It holds, for a save or restore with N channels over blocks of P pages:
+
+- ``counters[N, COUNTERS]`` (int64): each channel adds to its own row only,
+  so the coordinator can read progress at any time without a lock;
+- ``file_bitmaps[N, bitmap bytes]``: each channel's own view of which pages
+  it left in the file (set) or found zero (clear);
+- ``pass_bitmap[bitmap bytes]``: written by the coordinator before a pass:
+  the dirty pages of a save pass, or the present pages of a restore.
+
+Bitmaps are packed little-endian bits, each block's at its own 8-byte
+aligned base, exactly QEMU's on-disk words, so merging them and writing
+them out needs no conversion.
+
+Work is dealt in chunks of ``CHUNK_PAGES`` pages, and chunk g of the image
+always belongs to channel ``g % N``.  Because a page is always handled by
+the same channel, that channel's bit for it is the one from the last pass
+that handled it, and merging the channels' bitmaps is a plain OR
+(DESIGN.md, invariant 2).  A chunk is 64 bitmap bytes, so no two channels
+ever write the same byte of any bitmap.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from .format import bitmap_size
+
+# 2 MiB of 4 KiB pages: large enough that a full pass is a few hundred
+# messages per GiB and each write is large, small enough to spread a
+# clustered dirty set over every channel.
+CHUNK_PAGES = 512
+
+# Counter columns of a channel's row.
+PAGES_WRITTEN = 0    # non-zero pages written to the file
+ZERO_PAGES = 1       # dirty pages found zero (not written, bit cleared)
+BYTES_WRITTEN = 2    # bytes passed to pwrite (more than pages with direct I/O gaps)
+WRITE_CALLS = 3      # pwrite/pwritev system calls
+PAGES_READ = 4       # restore: pages read from the file
+PAGES_ZEROED = 5     # restore: clear pages zeroed in the destination
+PAGES_DONE = 6       # pages handled so far (dirty pages of a save, all of a restore)
+BUSY_NS = 7          # time spent working on shards
+SHARDS_DONE = 8
+COUNTERS = 9
+
+SEGMENT_DIR = "/dev/shm"
+
+
+@dataclass(frozen=True)
+class ControlLayout:
+    """Sizes and offsets of the control segment; the same on both sides."""
+
+    channels: int
+    block_pages: tuple[int, ...]
+
+    @property
+    def bitmap_bases(self) -> tuple[int, ...]:
+        bases, offset = [], 0
+        for pages in self.block_pages:
+            bases.append(offset)
+            offset += bitmap_size(pages)
+        return tuple(bases)
+
+    @property
+    def bitmap_bytes(self) -> int:
+        return sum(bitmap_size(p) for p in self.block_pages)
+
+    @property
+    def chunk_bases(self) -> tuple[int, ...]:
+        """Global number of each block's first chunk."""
+        bases, count = [], 0
+        for pages in self.block_pages:
+            bases.append(count)
+            count += -(-pages // CHUNK_PAGES)
+        return tuple(bases)
+
+    @property
+    def chunks(self) -> int:
+        return sum(-(-p // CHUNK_PAGES) for p in self.block_pages)
+
+    @property
+    def size(self) -> int:
+        counters = self.channels * COUNTERS * 8
+        return counters + (self.channels + 1) * self.bitmap_bytes
+
+
+class ControlSegment:
+    """The mapped control segment, as numpy views."""
+
+    def __init__(self, layout: ControlLayout, path: str, mapping: mmap.mmap) -> None:
+        self.layout = layout
+        self.path = path
+        self._mapping = mapping
+        n, width = layout.channels, layout.bitmap_bytes
+        counters_size = n * COUNTERS * 8
+        self.counters = np.frombuffer(mapping, np.int64, n * COUNTERS).reshape(n, COUNTERS)
+        self.file_bitmaps = np.frombuffer(mapping, np.uint8, n * width,
+                                          counters_size).reshape(n, width)
+        self.pass_bitmap = np.frombuffer(mapping, np.uint8, width,
+                                         counters_size + n * width)
+
+    @classmethod
+    def create(cls, layout: ControlLayout) -> "ControlSegment":
+        """A new, zeroed segment in /dev/shm, with a name no other save or
+        test (pytest -n auto) can collide with."""
+        path = os.path.join(SEGMENT_DIR, f"parallel-save-{os.getpid()}-{uuid.uuid4().hex}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, layout.size)
+            mapping = mmap.mmap(fd, layout.size, mmap.MAP_SHARED)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return cls(layout, path, mapping)
+
+    @classmethod
+    def attach(cls, layout: ControlLayout, path: str) -> "ControlSegment":
+        fd = os.open(path, os.O_RDWR)
+        try:
+            mapping = mmap.mmap(fd, layout.size, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        return cls(layout, path, mapping)
+
+    def unlink(self) -> None:
+        """Remove the name; the mappings stay valid until closed.  Done as
+        soon as every channel has attached, so that nothing is left in
+        /dev/shm even if the coordinator is killed afterwards."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def block_bits(self, row: np.ndarray, block: int) -> np.ndarray:
+        """One block's packed bitmap inside a bitmap row (a view)."""
+        base = self.layout.bitmap_bases[block]
+        return row[base:base + bitmap_size(self.layout.block_pages[block])]
+
+    def merged_file_bitmap(self) -> np.ndarray:
+        """The OR of every channel's file bitmap (see the module docstring)."""
+        return np.bitwise_or.reduce(self.file_bitmaps, axis=0)

@@ -1,0 +1,61 @@
+"""The exceptions parallel-save raises: one small hierarchy, so callers can
+catch everything with :class:`ParallelSaveError` or one kind precisely."""
+
+from __future__ import annotations
+
+import os
+
+
+class ParallelSaveError(Exception):
+    """Base of every error parallel-save raises on purpose."""
+
+
+class FormatError(ParallelSaveError):
+    """The file is not a valid mapped-ram image: says where and what.
+
+    ``offset`` is the absolute byte position in the file where the bad
+    field starts, so a reader can look at it with ``xxd -s``.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None,
+                 offset: int | None = None) -> None:
+        self.message = message
+        self.path = None if path is None else os.fspath(path)
+        self.offset = offset
+        where = []
+        if self.path is not None:
+            where.append(self.path)
+        if offset is not None:
+            where.append(f"offset {offset} (0x{offset:x})")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+
+class IncompleteImageError(FormatError):
+    """The stream stops before the RAM section's END (or before EOF): the
+    save that wrote it never completed, so its bitmaps cannot be trusted."""
+
+
+class BlockError(ParallelSaveError, ValueError):
+    """A RAM block that cannot be saved or restored as given (bad length,
+    bad name, a buffer the channels cannot attach to, a size mismatch)."""
+
+
+class DirectIOError(ParallelSaveError):
+    """``direct_io=True`` was asked for but the file system refuses it."""
+
+
+class ChannelError(ParallelSaveError):
+    """A channel (worker process) failed: it raised, or it died.
+
+    ``channel`` is the channel number, ``cause`` a one-line description
+    (the worker's exception, or how the process ended).
+    """
+
+    def __init__(self, channel: int, cause: str) -> None:
+        self.channel = channel
+        self.cause = cause
+        super().__init__(f"channel {channel} failed: {cause}")
+
+
+class SaveStateError(ParallelSaveError):
+    """A Saver method was called out of order (iterate before setup, ...)."""

@@ -1,0 +1,99 @@
+"""Restoring: the mirror of a save.  Read the bitmaps, deal the image's
+chunks to the channels, which pread the present pages straight into the
+destination blocks and zero the clear ones (unless the destination is
+known to be zero already, as QEMU assumes of fresh RAM)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .blocks import RamBlock
+from .channels import ChannelGroup, deal_chunks
+from .control import PAGES_DONE, PAGES_READ, PAGES_ZEROED
+from .directio import check_direct_io
+from .errors import BlockError
+from .format import PAGE_SIZE
+from .image import open_image
+from .saver import ProgressCallback, check_blocks, check_channels
+from .stats import ChannelStats, RestoreStats
+
+Destination = Mapping[str, Any] | Sequence[RamBlock]
+
+
+def _destinations(into: Destination) -> dict[str, RamBlock]:
+    if isinstance(into, Mapping):
+        return {name: buffer if isinstance(buffer, RamBlock) and buffer.name == name
+                else RamBlock(name, buffer) for name, buffer in into.items()}
+    blocks = check_blocks(into)
+    named = {b.name: b for b in blocks}
+    if len(named) != len(blocks):
+        raise BlockError("a destination block name is given twice")
+    return named
+
+
+def restore(path: str | os.PathLike, into: Destination, channels: int = 4, *,
+            start: int = 0, direct_io: bool = False, assume_zero: bool = False,
+            on_progress: ProgressCallback | None = None) -> RestoreStats:
+    """Load the image at ``path`` into ``into`` (``{name: buffer}`` or a
+    list of :class:`RamBlock`), with ``channels`` reader processes.
+
+    Every block of the image must have a destination of exactly its length,
+    and no destination may be left over: a mismatch is refused before any
+    byte is written.  ``assume_zero=True`` skips zeroing the pages the image
+    says are zero (right for fresh memory or a new sparse file).
+    """
+    channels = check_channels(channels)
+    path = os.fspath(path)
+    started = time.perf_counter()
+    with open_image(path, start=start) as image:
+        targets = _destinations(into)
+        missing = [n for n in image.blocks if n not in targets]
+        extra = [n for n in targets if n not in image.blocks]
+        if missing or extra:
+            raise BlockError(f"{path}: destinations do not match the image's blocks"
+                             + (f"; missing {missing}" if missing else "")
+                             + (f"; not in the image {extra}" if extra else ""))
+        for name, block in image.blocks.items():
+            if targets[name].length != block.length:
+                raise BlockError(f"{path}: block {name!r} is {block.length} bytes, its "
+                                 f"destination {targets[name].length}")
+        if direct_io:
+            check_direct_io(path, writable=False)
+        layouts = [b.layout for b in image.blocks.values()]
+        group = ChannelGroup.launch(
+            channels, path, writing=False, direct_io=direct_io,
+            sources=[targets[b.name].source for b in layouts],
+            pages_offsets=[b.pages_offset for b in layouts])
+        try:
+            control = group.control
+            for index, block in enumerate(image.blocks.values()):
+                packed = np.packbits(block.bitmap, bitorder="little")
+                control.block_bits(control.pass_bitmap, index)[:packed.size] = packed
+            total_pages = sum(b.pages for b in layouts)
+            counters = control.counters
+
+            def progress() -> None:
+                if on_progress is not None:
+                    on_progress("restore", int(counters[:, PAGES_DONE].sum()), total_pages)
+
+            chunks = np.arange(control.layout.chunks)
+            group.run_pass([("restore", shard, not assume_zero)
+                            for shard in deal_chunks(chunks, channels)], progress)
+            progress()
+            totals = counters.sum(axis=0)
+            stats = RestoreStats(path, channels, int(totals[PAGES_READ]),
+                                 int(totals[PAGES_ZEROED]),
+                                 int(totals[PAGES_READ]) * PAGE_SIZE,
+                                 channel_stats=[ChannelStats.from_row(i, row)
+                                                for i, row in enumerate(counters)])
+        except BaseException:
+            group.stop(force=True)
+            raise
+        group.stop()
+        stats.control_bytes = group.bytes_sent + group.bytes_received
+        stats.seconds = time.perf_counter() - started
+        return stats

@@ -1,0 +1,170 @@
+"""Statistics of a save or restore, in the spirit of QEMU's query-migrate,
+and the status board that publishes them to other processes.
+
+Channels only add to their own row of counters in the control segment;
+the coordinator turns those rows into these records and is the single
+writer of the status board (shared-memory-dict loses updates with two
+writers and copies the whole dict on every operation: DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import control as c
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    channel: int
+    pages_written: int
+    zero_pages: int
+    bytes_written: int
+    write_calls: int
+    pages_read: int
+    pages_zeroed: int
+    busy_seconds: float
+    shards: int
+
+    @classmethod
+    def from_row(cls, channel: int, row: np.ndarray) -> "ChannelStats":
+        return cls(channel, int(row[c.PAGES_WRITTEN]), int(row[c.ZERO_PAGES]),
+                   int(row[c.BYTES_WRITTEN]), int(row[c.WRITE_CALLS]),
+                   int(row[c.PAGES_READ]), int(row[c.PAGES_ZEROED]),
+                   row[c.BUSY_NS] / 1e9, int(row[c.SHARDS_DONE]))
+
+
+@dataclass(frozen=True)
+class PassStats:
+    """One pass over the dirty pages (iterate or complete)."""
+
+    number: int
+    dirty_pages: int
+    pages_written: int
+    zero_pages: int
+    bytes_written: int
+    seconds: float
+
+    @property
+    def throughput(self) -> float:
+        """Dirty bytes handled per second (zero pages count: they were checked)."""
+        return self.dirty_pages * 4096 / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class SaveStats:
+    """Totals of a save; ``phases`` holds seconds per phase (setup,
+    iterate, complete), ``passes`` one record per pass."""
+
+    path: str
+    channels: int
+    direct_io: bool
+    synced: bool
+    status: str = "setup"
+    phases: dict[str, float] = field(default_factory=dict)
+    passes: list[PassStats] = field(default_factory=list)
+    channel_stats: list[ChannelStats] = field(default_factory=list)
+    pages_present: int = 0            # set bits in the final bitmaps
+    control_bytes: int = 0            # bytes through the pipes, both ways
+
+    @property
+    def pages_written(self) -> int:
+        return sum(p.pages_written for p in self.passes)
+
+    @property
+    def zero_pages(self) -> int:
+        return sum(p.zero_pages for p in self.passes)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(p.bytes_written for p in self.passes)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.phases.values())
+
+    @property
+    def throughput(self) -> float:
+        """Bytes of RAM handled per second over the whole save."""
+        handled = sum(p.dirty_pages for p in self.passes) * 4096
+        return handled / self.total_seconds if self.total_seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.update(pages_written=self.pages_written, zero_pages=self.zero_pages,
+                    bytes_written=self.bytes_written, total_seconds=self.total_seconds,
+                    throughput=self.throughput)
+        return data
+
+
+@dataclass
+class RestoreStats:
+    path: str
+    channels: int
+    pages_read: int = 0
+    pages_zeroed: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    channel_stats: list[ChannelStats] = field(default_factory=list)
+    control_bytes: int = 0
+
+    @property
+    def throughput(self) -> float:
+        return self.bytes_read / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["throughput"] = self.throughput
+        return data
+
+
+class StatusBoard:
+    """A shared-memory-dict that observers (a progress display, another
+    process) read by name; only the coordinator writes it."""
+
+    SIZE = 64 * 1024
+
+    def __init__(self, name: str | None = None) -> None:
+        from shared_memory_dict import SharedMemoryDict
+
+        self.name = name or f"parallel-save-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._board = SharedMemoryDict(name=self.name, size=self.SIZE)
+
+    def publish(self, **values: Any) -> None:
+        # One update per publish: every operation re-pickles the whole dict.
+        self._board.update(values)
+
+    def close(self) -> None:
+        segment = self._board.shm
+        self._board.cleanup()
+        try:
+            segment.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def read_status(name: str) -> dict[str, Any]:
+    """What the coordinator last published on the board ``name``."""
+    from multiprocessing import resource_tracker
+
+    from shared_memory_dict import SharedMemoryDict
+    from shared_memory_dict.templates import MEMORY_NAME
+
+    segment = MEMORY_NAME.format(name=name)
+    if not os.path.exists(os.path.join(c.SEGMENT_DIR, segment)):
+        raise FileNotFoundError(f"no status board named {name!r} (is the save running?)")
+    board = SharedMemoryDict(name=name, size=StatusBoard.SIZE)
+    # Python < 3.13 registers even an attached segment with this process's
+    # resource tracker, which would unlink the board when we exit
+    # (CPython gh-82300): an observer must not destroy what it observes.
+    resource_tracker.unregister(board.shm._name, "shared_memory")
+    try:
+        return dict(board)
+    finally:
+        board.cleanup()

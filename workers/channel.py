@@ -1,0 +1,241 @@
+"""A channel: one worker process of a save or restore, like a QEMU multifd
+channel.
+
+It maps the RAM blocks and the control segment itself, opens the image
+file itself (with O_DIRECT when asked), then loops over small messages from
+the coordinator: each names a pass and the chunks to handle.  Page bytes
+go straight between the shared mappings and the file; nothing but chunk
+numbers and one-line replies crosses the pipe.
+
+Messages (pickled tuples):
+    ("save", chunks)               write the dirty pages of these chunks
+    ("restore", chunks, zero)      read the present pages, zero the rest if `zero`
+    ("stop",)                      close everything and exit
+Replies: ("ready",) once attached, ("done",) per pass, ("error", text).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import pickle
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from parallel_save.blocks import BlockSource, attach
+from parallel_save.control import (BUSY_NS, BYTES_WRITTEN, CHUNK_PAGES, PAGES_DONE,
+                                   PAGES_READ, PAGES_WRITTEN, PAGES_ZEROED, SHARDS_DONE,
+                                   WRITE_CALLS, ZERO_PAGES, ControlLayout, ControlSegment)
+from parallel_save.format import PAGE_SIZE, bit_runs as runs
+
+_WORDS_PER_PAGE = PAGE_SIZE // 8
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    """Everything a channel needs, sent once at start (a few hundred bytes)."""
+
+    image_path: str
+    writing: bool                    # save (True) or restore (False)
+    direct_io: bool
+    sources: tuple[BlockSource, ...]
+    pages_offsets: tuple[int, ...]   # each block's pages region in the file
+    control: ControlLayout
+    control_path: str
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to kill us if the coordinator dies, so that even a
+    SIGKILLed coordinator leaves no channel behind."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+class Channel:
+    def __init__(self, number: int, plan: ChannelPlan) -> None:
+        self.number = number
+        self.plan = plan
+        self.control = ControlSegment.attach(plan.control, plan.control_path)
+        self.counters = self.control.counters[number]
+        self.file_bits = self.control.file_bitmaps[number]
+        self.mappings = []
+        self.pages = []
+        for source in plan.sources:
+            mapping, array = attach(source, writable=not plan.writing)
+            self.mappings.append(mapping)
+            self.pages.append(array)
+        flags = os.O_WRONLY if plan.writing else os.O_RDONLY
+        if plan.direct_io:
+            flags |= os.O_DIRECT
+        self.fd = os.open(plan.image_path, flags)
+        self.chunk_bases = np.asarray(plan.control.chunk_bases)
+        self.block_pages = plan.control.block_pages
+        self.bitmap_bases = plan.control.bitmap_bases
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def _chunk(self, chunk: int) -> tuple[int, int, int]:
+        """(block, first page, page count) of a global chunk number."""
+        block = int(np.searchsorted(self.chunk_bases, chunk, side="right")) - 1
+        first = (chunk - int(self.chunk_bases[block])) * CHUNK_PAGES
+        return block, first, min(CHUNK_PAGES, self.block_pages[block] - first)
+
+    def _bit_slice(self, block: int, first: int, count: int) -> slice:
+        # Chunks start on a multiple of 8 pages, so their bits are whole bytes.
+        base = self.bitmap_bases[block] + first // 8
+        return slice(base, base + (count + 7) // 8)
+
+    # --- save ---
+
+    def save(self, chunks: np.ndarray) -> None:
+        for chunk in chunks:
+            started = time.perf_counter_ns()
+            block, first, count = self._chunk(int(chunk))
+            bits = self._bit_slice(block, first, count)
+            dirty = np.unpackbits(self.control.pass_bitmap[bits], count=count,
+                                  bitorder="little").view(bool)
+            pages = self.pages[block][first * PAGE_SIZE:(first + count) * PAGE_SIZE]
+            words = pages.view(np.uint64).reshape(count, _WORDS_PER_PAGE)
+            nonzero = np.zeros(count, dtype=bool)
+            for start, end in zip(*runs(dirty)):
+                # Zero detection over whole runs with numpy, never page by
+                # page in Python; only dirty pages are read.
+                nonzero[start:end] = words[start:end].max(axis=1) != 0
+            written = nonzero  # only dirty pages were examined
+            old = np.unpackbits(self.file_bits[bits], count=count,
+                                bitorder="little").view(bool)
+            self.file_bits[bits] = np.packbits((old & ~dirty) | written,
+                                               bitorder="little")
+            base = self.plan.pages_offsets[block] + first * PAGE_SIZE
+            calls, nbytes = 0, 0
+            spans = dirty if self.plan.direct_io else written
+            for start, end in zip(*runs(spans)):
+                if self.plan.direct_io:
+                    # Write a dirty run from its first to its last non-zero
+                    # page in one aligned write: the zero pages inside go
+                    # along (their bits stay clear), which turns thousands
+                    # of small O_DIRECT writes into a few large ones.
+                    inside = np.flatnonzero(written[start:end])
+                    if not inside.size:
+                        continue
+                    start, end = start + inside[0], start + inside[-1] + 1
+                calls += 1
+                nbytes += self._pwrite(pages[start * PAGE_SIZE:end * PAGE_SIZE],
+                                       base + int(start) * PAGE_SIZE)
+            done = int(np.count_nonzero(dirty))
+            wrote = int(np.count_nonzero(written))
+            row = self.counters
+            row[PAGES_WRITTEN] += wrote
+            row[ZERO_PAGES] += done - wrote
+            row[BYTES_WRITTEN] += nbytes
+            row[WRITE_CALLS] += calls
+            row[PAGES_DONE] += done
+            row[SHARDS_DONE] += 1
+            row[BUSY_NS] += time.perf_counter_ns() - started
+
+    def _pwrite(self, data: np.ndarray, offset: int) -> int:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            try:
+                n = os.pwrite(self.fd, view[done:], offset + done)
+            except OSError as error:
+                raise OSError(error.errno, f"{error.strerror} (writing "
+                              f"{len(view) - done} bytes at offset {offset + done})",
+                              self.plan.image_path) from None
+            if n == 0:
+                raise OSError(errno.EIO, f"pwrite wrote nothing at offset "
+                              f"{offset + done}", self.plan.image_path)
+            done += n
+        return done
+
+    # --- restore ---
+
+    def restore(self, chunks: np.ndarray, zero_clear: bool) -> None:
+        for chunk in chunks:
+            started = time.perf_counter_ns()
+            block, first, count = self._chunk(int(chunk))
+            present = np.unpackbits(self.control.pass_bitmap[self._bit_slice(block, first, count)],
+                                    count=count, bitorder="little").view(bool)
+            pages = self.pages[block][first * PAGE_SIZE:(first + count) * PAGE_SIZE]
+            base = self.plan.pages_offsets[block] + first * PAGE_SIZE
+            calls = 0
+            for start, end in zip(*runs(present)):
+                calls += 1
+                self._pread(pages[start * PAGE_SIZE:end * PAGE_SIZE],
+                            base + int(start) * PAGE_SIZE)
+            read = int(np.count_nonzero(present))
+            zeroed = 0
+            if zero_clear:
+                for start, end in zip(*runs(~present)):
+                    pages[start * PAGE_SIZE:end * PAGE_SIZE] = 0
+                zeroed = count - read
+            row = self.counters
+            row[PAGES_READ] += read
+            row[PAGES_ZEROED] += zeroed
+            row[WRITE_CALLS] += calls
+            row[PAGES_DONE] += count
+            row[SHARDS_DONE] += 1
+            row[BUSY_NS] += time.perf_counter_ns() - started
+
+    def _pread(self, data: np.ndarray, offset: int) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            try:
+                n = os.preadv(self.fd, [view[done:]], offset + done)
+            except OSError as error:
+                raise OSError(error.errno, f"{error.strerror} (reading "
+                              f"{len(view) - done} bytes at offset {offset + done})",
+                              self.plan.image_path) from None
+            if n == 0:
+                raise OSError(errno.EIO, f"the file ends at offset {offset + done}, "
+                              f"inside the pages region", self.plan.image_path)
+            done += n
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.filename}: {error.strerror}"
+    return f"{type(error).__name__}: {error}"
+
+
+def channel_main(number: int, conn, plan: ChannelPlan) -> None:
+    """The channel process's whole life."""
+    # Ctrl-C reaches the whole process group; the coordinator alone decides
+    # how to stop, so a channel never dies half-way through a write on it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    channel = None
+    try:
+        channel = Channel(number, plan)
+        conn.send_bytes(pickle.dumps(("ready",)))
+        while True:
+            message = pickle.loads(conn.recv_bytes())
+            if message[0] == "stop":
+                break
+            if message[0] == "save":
+                channel.save(message[1])
+            elif message[0] == "restore":
+                channel.restore(message[1], message[2])
+            else:
+                raise ValueError(f"unknown message {message[0]!r}")
+            conn.send_bytes(pickle.dumps(("done",)))
+    except (EOFError, BrokenPipeError):
+        pass  # the coordinator is gone: nothing to report to
+    except BaseException as error:  # reported, then the coordinator stops us
+        try:
+            conn.send_bytes(pickle.dumps(("error", _describe(error))))
+        except OSError:
+            pass
+    finally:
+        if channel is not None:
+            channel.close()
