@@ -18,11 +18,14 @@ import multiprocess
 import numpy as np
 from multiprocess.connection import wait
 
-from workers.channel import ChannelPlan, channel_main
+# A module import, not a name import: workers.channel imports parallel_save
+# modules itself, and either package may be imported first.
+import workers.channel as channel_process
 
 from .blocks import BlockSource
-from .control import ControlLayout, ControlSegment
+from .control import ChannelPlan, ControlLayout, ControlSegment
 from .errors import ChannelError
+from .signals import signals_deferred
 
 # How often a waiting coordinator wakes to report progress.
 PROGRESS_INTERVAL = 0.1
@@ -30,14 +33,21 @@ PROGRESS_INTERVAL = 0.1
 STOP_GRACE = 2.0
 
 
+# Why a channel may die of a signal no one sent on purpose.
+_SIGNAL_HINTS = {
+    signal.SIGBUS: " (a block's memory became unreadable: was its file truncated?)",
+}
+
+
 def _exit_description(exitcode: int | None) -> str:
     if exitcode is None:
         return "stopped answering"
     if exitcode < 0:
         try:
-            return f"killed by {signal.Signals(-exitcode).name}"
+            number = signal.Signals(-exitcode)
         except ValueError:
-            return f"killed by signal {-exitcode}"
+            return f"was killed by signal {-exitcode}"
+        return f"was killed by {number.name}{_SIGNAL_HINTS.get(number, '')}"
     return f"exited with status {exitcode}"
 
 
@@ -77,7 +87,7 @@ class ChannelGroup:
         try:
             for number in range(self.count):
                 ours, theirs = context.Pipe(duplex=True)
-                process = context.Process(target=channel_main, args=(number, theirs, self.plan),
+                process = context.Process(target=channel_process.channel_main, args=(number, theirs, self.plan),
                                           name=f"parallel-save channel {number}", daemon=True)
                 process.start()
                 theirs.close()
@@ -85,7 +95,7 @@ class ChannelGroup:
                 self.connections.append(ours)
             self._wait_all("ready", None)
         except BaseException:
-            self.stop()
+            self.stop(force=True)
             raise
 
     def _send(self, number: int, message: tuple) -> None:
@@ -146,25 +156,26 @@ class ChannelGroup:
     def stop(self, force: bool = False) -> None:
         """Stop every channel: politely (they finish their pass), or at
         once with ``force`` (after a failure, when their work is moot).
-        Idempotent."""
-        for number, process in enumerate(self.processes):
-            if process.is_alive():
-                if force:
+        Idempotent, and not cut short by Ctrl-C: that waits until it is done."""
+        with signals_deferred():
+            for number, process in enumerate(self.processes):
+                if process.is_alive():
+                    if force:
+                        process.kill()
+                    else:
+                        self._send(number, ("stop",))
+            deadline = time.monotonic() + STOP_GRACE
+            for process in self.processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+            for process in self.processes:
+                if process.is_alive():
                     process.kill()
-                else:
-                    self._send(number, ("stop",))
-        deadline = time.monotonic() + STOP_GRACE
-        for process in self.processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-        for process in self.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for connection in self.connections:
-            connection.close()
-        for process in self.processes:
-            process.close()
-        self.processes, self.connections = [], []
+                    process.join()
+            for connection in self.connections:
+                connection.close()
+            for process in self.processes:
+                process.close()
+            self.processes, self.connections = [], []
 
 
 def deal_chunks(chunks: np.ndarray, channels: int) -> list[np.ndarray]:

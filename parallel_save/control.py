@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .blocks import BlockSource
 from .format import bitmap_size
 
 # 2 MiB of 4 KiB pages: large enough that a full pass is a few hundred
@@ -148,3 +149,16 @@ class ControlSegment:
     def merged_file_bitmap(self) -> np.ndarray:
         """The OR of every channel's file bitmap (see the module docstring)."""
         return np.bitwise_or.reduce(self.file_bitmaps, axis=0)
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    """Everything a channel needs, sent once at start (a few hundred bytes)."""
+
+    image_path: str
+    writing: bool                    # save (True) or restore (False)
+    direct_io: bool
+    sources: tuple[BlockSource, ...]
+    pages_offsets: tuple[int, ...]   # each block's pages region in the file
+    control: ControlLayout
+    control_path: str

@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +75,10 @@ PAGES_ALIGNMENT = 1 << 20
 MAPPED_RAM_HEADER_VERSION = 1
 MAX_BLOCK_NAME = 255
 MAX_MACHINE_NAME = 255
+# How far back from a QEMU file's end its JSON description is looked for
+# (tens of KiB for a PC), and the chunk read at a time while looking.
+DESCRIPTION_SEARCH = 16 << 20
+_SCAN_CHUNK = 1 << 20
 
 # --- records, each struct named once beside what it describes ---
 
@@ -89,6 +94,10 @@ MAPPED_RAM_HEADER = struct.Struct(">IQQQ")
 _COMMAND = struct.Struct(">HH")
 # SECTION_PART/END carrying only EOS: type, id, EOS flags, footer, id.
 _RAM_SECTION_EOS = struct.Struct(">BIQBI")
+# Section footer: marker, section id.
+_FOOTER = struct.Struct(">BI")
+# After EOF: EOF, VMDESCRIPTION, JSON length (the JSON runs to the file's end).
+_DESCRIPTION_HEADER = struct.Struct(">BBI")
 
 
 def round_up(value: int, alignment: int) -> int:
@@ -309,11 +318,12 @@ def bit_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
 
 
-def padding_bits_set(raw: bytes | np.ndarray, pages: int) -> int:
-    """How many bits past the last page are set (they must not be)."""
-    words = np.frombuffer(raw, dtype=np.uint8)
-    tail = np.unpackbits(words, bitorder="little")[pages:]
-    return int(np.count_nonzero(tail))
+def padding_bits(raw: bytes | np.ndarray, pages: int) -> np.ndarray:
+    """Indexes of the bits set past the last page (there must be none);
+    only the bytes that hold padding are unpacked."""
+    tail = np.unpackbits(np.frombuffer(raw, dtype=np.uint8)[pages // 8:],
+                         bitorder="little")
+    return np.flatnonzero(tail[pages % 8:]) + pages
 
 
 # --- decoding ---
@@ -330,6 +340,7 @@ class StreamInfo:
     device_sections: bool = False     # QEMU's opaque device state was present
     description: dict[str, Any] | None = field(default=None, compare=False)
     file_size: int = 0
+    incomplete_offset: int | None = None  # where an incomplete stream stops
 
 
 class _Truncated(FormatError):
@@ -358,6 +369,10 @@ class _Cursor:
                              path=self.path, offset=self.pos)
         self.pos += count
         return data
+
+    def peek(self, count: int) -> bytes:
+        """Up to ``count`` bytes at the cursor, which does not move."""
+        return os.pread(self.fd, max(0, min(count, self.size - self.pos)), self.pos)
 
     def unpack(self, fmt: struct.Struct, what: str) -> tuple:
         return fmt.unpack(self.take(fmt.size, what))
@@ -433,7 +448,8 @@ def _read_configuration(cur: _Cursor) -> tuple[str, tuple[str, ...]]:
                         f"1..{MAX_MACHINE_NAME}", at)
     machine = cur.text(length, "machine type")
     capabilities: tuple[str, ...] | None = None
-    while cur.pos < cur.size and os.pread(cur.fd, 1, cur.pos) == bytes([VM_SUBSECTION]):
+    list_at = cur.pos  # where the capability list is, or should have been
+    while cur.peek(1) == _U8.pack(VM_SUBSECTION):
         cur.pos += 1
         at = cur.pos
         name = cur.short_string("configuration subsection name")
@@ -443,14 +459,14 @@ def _read_configuration(cur: _Cursor) -> tuple[str, tuple[str, ...]]:
         version = cur.be32("capabilities subsection version")
         if version != 1:
             raise cur.error(f"unsupported capabilities subsection version {version}", at)
-        at = cur.pos
+        list_at = cur.pos
         count = cur.be32("capability count")
         if count > 64:  # QEMU has a few dozen capabilities in all
-            raise cur.error(f"capability count {count} is implausible", at)
+            raise cur.error(f"capability count {count} is implausible", list_at)
         capabilities = tuple(cur.short_string("capability name") for _ in range(count))
     if capabilities is None or MAPPED_RAM not in capabilities:
         raise cur.error("the configuration does not list the mapped-ram capability: "
-                        "not a mapped-ram image")
+                        "not a mapped-ram image", list_at)
     return machine, capabilities
 
 
@@ -501,23 +517,41 @@ def _read_block_record(cur: _Cursor, seen: set[str]) -> BlockLayout:
     return block
 
 
-def _find_vmdescription(cur: _Cursor) -> tuple[int, dict[str, Any] | None] | None:
+def _ends_device_state(cur: _Cursor, eof_at: int) -> bool:
+    """Whether the byte at ``eof_at`` is a QEMU_VM_EOF that closes QEMU's
+    device state, i.e. comes right after a section footer."""
+    if eof_at - _FOOTER.size < cur.pos:
+        return False
+    footer = os.pread(cur.fd, _FOOTER.size + 1, eof_at - _FOOTER.size)
+    return (len(footer) == _FOOTER.size + 1 and footer[0] == VM_SECTION_FOOTER
+            and footer[-1] == VM_EOF)
+
+
+def _find_vmdescription(cur: _Cursor) -> dict[str, Any] | None:
     """After QEMU's device sections, which carry no length, find EOF by its
-    trailer: EOF, VMDESCRIPTION, be32 length, JSON reaching the file's end.
-    Returns (offset of EOF, description) or None."""
-    window = min(cur.size - cur.pos, 16 << 20)
-    base = cur.size - window
-    tail = os.pread(cur.fd, window, base)
-    marker = bytes([VM_EOF, VM_VMDESCRIPTION])
-    hit = tail.rfind(marker)
-    while hit >= 0:
-        length_at = hit + 2
-        if length_at + 4 <= len(tail):
-            (length,) = _BE32.unpack_from(tail, length_at)
-            if length_at + 4 + length == len(tail):
-                return base + hit, _parse_description(cur, tail[length_at + 4:],
-                                                      base + length_at + 4)
-        hit = tail.rfind(marker, 0, hit)
+    trailer: footer, EOF, VMDESCRIPTION, be32 length, JSON reaching the
+    file's end.  Returns the description, or None if there is no trailer.
+
+    Scans backwards a chunk at a time from the end, at most
+    DESCRIPTION_SEARCH bytes, so a hostile file costs bounded memory."""
+    marker = _U8.pack(VM_EOF) + _U8.pack(VM_VMDESCRIPTION)
+    floor = max(cur.pos, cur.size - DESCRIPTION_SEARCH)
+    end = cur.size  # EOF candidates still to look at are in [floor, end)
+    while end > floor:
+        base = max(floor, end - _SCAN_CHUNK)
+        # A trailer starting just before ``end`` needs its length field too.
+        chunk = os.pread(cur.fd, end - base + _DESCRIPTION_HEADER.size - 1, base)
+        hit = chunk.rfind(marker, 0, end - base + 1)
+        while hit >= 0:
+            eof_at = base + hit
+            json_at = eof_at + _DESCRIPTION_HEADER.size
+            if hit + _DESCRIPTION_HEADER.size <= len(chunk):
+                length = _DESCRIPTION_HEADER.unpack_from(chunk, hit)[2]
+                if json_at + length == cur.size and _ends_device_state(cur, eof_at):
+                    return _parse_description(cur, os.pread(cur.fd, length, json_at),
+                                              json_at)
+            hit = chunk.rfind(marker, 0, hit + 1)
+        end = base
     return None
 
 
@@ -540,8 +574,17 @@ def decode_stream(fd: int, path: str | os.PathLike, start: int = 0) -> StreamInf
     the caller decides (a loader refuses it, ``inspect`` reports it).
     """
     path = os.fspath(path)
-    size = os.fstat(fd).st_size
-    cur = _Cursor(fd, path, start, size)
+    if start < 0:
+        raise ValueError(f"stream start offset {start} is negative")
+    cur = _Cursor(fd, path, start, os.fstat(fd).st_size)
+    try:
+        return _decode(cur)
+    except _Truncated as truncated:  # in the header: a damaged file, not a stopped save
+        raise FormatError(truncated.message, path=path, offset=truncated.offset) from None
+
+
+def _decode(cur: _Cursor) -> StreamInfo:
+    fd, start, size = cur.fd, cur.pos, cur.size
     if start > size:
         raise cur.error(f"stream start {start} is past the end of the file ({size} bytes)")
     magic, version = cur.unpack(_STREAM_HEADER, "stream header")
@@ -569,38 +612,45 @@ def decode_stream(fd: int, path: str | os.PathLike, start: int = 0) -> StreamInf
     if instance != 0 or section_version != RAM_SECTION_VERSION:
         raise cur.error(f"RAM section instance {instance} version {section_version}, "
                         f"expected instance 0 version {RAM_SECTION_VERSION}", at)
-    at = cur.pos
+    mem_size_at = cur.pos
     mem_size = cur.be64("MEM_SIZE")
     flags, total = mem_size & (PAGE_SIZE - 1), mem_size & ~(PAGE_SIZE - 1)
     if flags != RAM_FLAG_MEM_SIZE:
         raise cur.error(f"unexpected RAM flags 0x{flags:x} ({_flag_names(flags)}) "
-                        f"where MEM_SIZE was expected", at)
+                        f"where MEM_SIZE was expected", mem_size_at)
     if total == 0:
-        raise cur.error("MEM_SIZE is 0: the image holds no RAM block", at)
+        raise cur.error("MEM_SIZE is 0: the image holds no RAM block", mem_size_at)
 
     blocks: list[BlockLayout] = []
     seen: set[str] = set()
     remaining = total
     while remaining:
+        # QEMU reads records until MEM_SIZE is used up; a total larger than
+        # the blocks shows as the closing EOS where the next record should be.
+        if blocks and cur.peek(_BE64.size) == _BE64.pack(RAM_FLAG_EOS):
+            raise cur.error(f"MEM_SIZE total {total} does not match the blocks: they "
+                            f"hold {total - remaining} bytes, then the RAM ends",
+                            mem_size_at)
         block = _read_block_record(cur, seen)
         if block.length > remaining:
             raise cur.error(f"MEM_SIZE total {total} does not match the blocks: block "
                             f"{block.name!r} ({block.length} bytes) exceeds the "
-                            f"{remaining} bytes left", block.record_offset)
+                            f"{remaining} bytes left", mem_size_at)
         remaining -= block.length
         blocks.append(block)
     layout = StreamLayout(machine, tuple(blocks), start, capabilities, section_id)
     _expect_eos(cur, "the RAM SECTION_START")
     _expect_footer(cur, section_id, "the RAM SECTION_START")
 
-    def incomplete(reason: str, passes: int) -> StreamInfo:
-        return StreamInfo(layout, False, reason, passes, file_size=size)
+    def incomplete(reason: str, passes: int, at: int) -> StreamInfo:
+        return StreamInfo(layout, False, reason, passes, file_size=size,
+                          incomplete_offset=at)
 
     passes = 0
     while True:
         if cur.pos >= size:
             return incomplete(f"the RAM section has no END (the stream stops at "
-                              f"{cur.pos}): the save did not complete", passes)
+                              f"{cur.pos}): the save did not complete", passes, cur.pos)
         at = cur.pos
         kind = cur.u8("section type")
         try:
@@ -624,12 +674,12 @@ def decode_stream(fd: int, path: str | os.PathLike, start: int = 0) -> StreamInf
                                 f"RAM section's END", at)
         except _Truncated:
             return incomplete(f"the stream stops inside a section at {at}: "
-                              f"the save did not complete", passes)
+                              f"the save did not complete", passes, at)
 
     # After the RAM END: ours writes EOF then the JSON description; QEMU
     # writes device state first (SECTION_FULL), which carries no length.
     if cur.pos >= size:
-        return incomplete("the stream stops after the RAM END, before EOF", passes)
+        return incomplete("the stream stops after the RAM END, before EOF", passes, cur.pos)
     at = cur.pos
     kind = cur.u8("section type after the RAM END")
     if kind == VM_EOF:
@@ -646,12 +696,11 @@ def decode_stream(fd: int, path: str | os.PathLike, start: int = 0) -> StreamInf
             description = _parse_description(cur, cur.take(length, "description"), cur.pos)
         return StreamInfo(layout, True, None, passes, False, description, size)
     if kind == VM_SECTION_FULL:
-        found = _find_vmdescription(cur)
-        if found is not None:
-            return StreamInfo(layout, True, None, passes, True, found[1], size)
-        if os.pread(fd, 1, size - 1) == bytes([VM_EOF]):
-            return StreamInfo(layout, True, None, passes, True, None, size)
-        return incomplete("device state after the RAM END has no EOF", passes)
+        description = _find_vmdescription(cur)
+        if description is not None or _ends_device_state(cur, size - 1):
+            return StreamInfo(layout, True, None, passes, True, description, size)
+        return incomplete(f"the device state after the RAM END (from {at}) has no "
+                          f"EOF: the save did not complete", passes, at)
     raise cur.error(f"unexpected section type 0x{kind:02x} after the RAM END", at)
 
 
@@ -661,15 +710,15 @@ def read_bitmap(fd: int, path: str | os.PathLike, block: BlockLayout) -> np.ndar
     if len(raw) != block.bitmap_size:
         raise FormatError(f"block {block.name!r}: bitmap is truncated",
                           path=path, offset=block.bitmap_offset)
-    extra = padding_bits_set(raw, block.pages)
-    if extra:
-        raise FormatError(f"block {block.name!r}: bitmap claims {extra} pages past "
-                          f"the block's {block.pages} pages", path=path,
-                          offset=block.bitmap_offset)
+    extra = padding_bits(raw, block.pages)
+    if extra.size:
+        raise FormatError(f"block {block.name!r}: bitmap sets {extra.size} bit(s) past "
+                          f"the block's {block.pages} pages, the first is bit {extra[0]}",
+                          path=path, offset=block.bitmap_offset + int(extra[0]) // 8)
     return unpack_bitmap(raw, block.pages)
 
 
 def require_complete(info: StreamInfo, path: str | os.PathLike) -> None:
     if not info.complete:
-        raise IncompleteImageError(info.incomplete_reason or "incomplete",
-                                   path=path, offset=info.layout.tail_offset)
+        raise IncompleteImageError(info.incomplete_reason or "incomplete", path=path,
+                                   offset=info.incomplete_offset)

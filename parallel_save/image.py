@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
 from .errors import BlockError, FormatError
-from .format import PAGE_SIZE, BlockLayout, bit_runs, StreamInfo, decode_stream, read_bitmap, require_complete
+from .format import (
+    PAGE_SIZE,
+    BlockLayout,
+    StreamInfo,
+    bit_runs,
+    decode_stream,
+    read_bitmap,
+    require_complete,
+)
 
 # Positioned reads of at most this many bytes, as QEMU reads (FORMAT.md).
 READ_LIMIT = 4 << 20
@@ -68,7 +76,7 @@ class Image:
             os.close(self._fd)
             raise
 
-    def __enter__(self) -> "Image":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:

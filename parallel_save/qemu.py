@@ -466,6 +466,39 @@ class QemuVM:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- what a stream for this VM must say -----------------------------------
+
+    def machine_type(self) -> str:
+        """The machine type QEMU writes in a stream, and demands of one it loads.
+
+        ``-M q35`` is an alias: the stream names the versioned machine behind
+        it (``pc-q35-10.0`` on QEMU 10.0), so a file meant for this VM must
+        carry that name, not the alias.
+        """
+        machines: list[dict[str, Any]] = self.qmp.execute("query-machines")
+        for entry in machines:
+            if self.machine in (entry.get("name"), entry.get("alias")):
+                return str(entry["name"])
+        raise QemuError(f"QEMU lists no machine named or aliased {self.machine!r}")
+
+    def ram_blocks(self) -> dict[str, int]:
+        """The VM's RAM blocks in QEMU's order: name -> used length in bytes.
+
+        These are the blocks (and lengths) QEMU writes in a stream; a loaded
+        stream may name only some of them. QMP has no command for this, so it
+        is read from HMP's ``info ramblock`` table (name first, then page
+        size, offset, used, total, host address, ro/rw).
+        """
+        table: str = self.qmp.execute(
+            "human-monitor-command", {"command-line": "info ramblock"}
+        )
+        blocks: dict[str, int] = {}
+        for line in table.splitlines()[1:]:  # the first line is the header
+            fields = line.split()
+            if fields:
+                blocks[fields[0]] = int(fields[-4], 16)
+        return blocks
+
     # -- migration ------------------------------------------------------------
 
     def query_migrate(self) -> dict[str, Any]:

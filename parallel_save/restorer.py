@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from .directio import check_direct_io
 from .errors import BlockError
 from .format import PAGE_SIZE
 from .image import open_image
-from .saver import ProgressCallback, check_blocks, check_channels
+from .saver import ProgressCallback, check_blocks, check_channels, check_sources
 from .stats import ChannelStats, RestoreStats
 
 Destination = Mapping[str, Any] | Sequence[RamBlock]
@@ -61,6 +62,7 @@ def restore(path: str | os.PathLike, into: Destination, channels: int = 4, *,
             if targets[name].length != block.length:
                 raise BlockError(f"{path}: block {name!r} is {block.length} bytes, its "
                                  f"destination {targets[name].length}")
+        check_sources(list(targets.values()))
         if direct_io:
             check_direct_io(path, writable=False)
         layouts = [b.layout for b in image.blocks.values()]

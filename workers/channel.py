@@ -17,36 +17,25 @@ Replies: ("ready",) once attached, ("done",) per pass, ("error", text).
 from __future__ import annotations
 
 import ctypes
+import mmap
 import errno
 import os
 import pickle
 import signal
 import time
-from dataclasses import dataclass
-
 import numpy as np
 
-from parallel_save.blocks import BlockSource, attach
+from parallel_save.blocks import attach
 from parallel_save.control import (BUSY_NS, BYTES_WRITTEN, CHUNK_PAGES, PAGES_DONE,
                                    PAGES_READ, PAGES_WRITTEN, PAGES_ZEROED, SHARDS_DONE,
-                                   WRITE_CALLS, ZERO_PAGES, ControlLayout, ControlSegment)
+                                   WRITE_CALLS, ZERO_PAGES, ChannelPlan, ControlSegment)
 from parallel_save.format import PAGE_SIZE, bit_runs as runs
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class ChannelPlan:
-    """Everything a channel needs, sent once at start (a few hundred bytes)."""
-
-    image_path: str
-    writing: bool                    # save (True) or restore (False)
-    direct_io: bool
-    sources: tuple[BlockSource, ...]
-    pages_offsets: tuple[int, ...]   # each block's pages region in the file
-    control: ControlLayout
-    control_path: str
+# madvise advice (Linux >= 5.14): fault a range of pages in with one call.
+_MADV_POPULATE_READ = 22
+_MADV_POPULATE_WRITE = 23
 
 
 def _die_with_parent() -> None:
@@ -58,6 +47,41 @@ def _die_with_parent() -> None:
         pass
 
 
+def nonzero_pages(words: np.ndarray, dirty_runs: tuple[np.ndarray, np.ndarray]
+                  ) -> np.ndarray:
+    """Which dirty pages are non-zero (``words``: one row of uint64 per page).
+
+    Vectorised over whole runs, never page by page in Python.  A page whose
+    first word is non-zero needs no more reading; only the others are
+    scanned in full, so mostly non-zero memory costs one cache line a page.
+    """
+    nonzero = np.zeros(words.shape[0], dtype=bool)
+    for start, end in zip(*dirty_runs):
+        run = words[start:end]
+        found = run[:, 0] != 0
+        maybe_zero = np.flatnonzero(~found)
+        if maybe_zero.size:
+            found[maybe_zero] = run[maybe_zero].max(axis=1) != 0
+        nonzero[start:end] = found
+    return nonzero
+
+
+def direct_io_spans(dirty_runs: tuple[np.ndarray, np.ndarray], written: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """For O_DIRECT: one span per dirty run, from its first to its last
+    non-zero page.  The zero pages inside go along (their bits stay clear),
+    which turns thousands of small O_DIRECT writes into a few large ones;
+    only pages of this pass are ever rewritten."""
+    pages = np.flatnonzero(written)
+    if not pages.size:
+        return pages, pages
+    run_of = np.searchsorted(dirty_runs[0], pages, side="right") - 1
+    boundary = run_of[1:] != run_of[:-1]
+    firsts = pages[np.concatenate(([True], boundary))]
+    lasts = pages[np.concatenate((boundary, [True]))]
+    return firsts, lasts + 1
+
+
 class Channel:
     def __init__(self, number: int, plan: ChannelPlan) -> None:
         self.number = number
@@ -67,10 +91,13 @@ class Channel:
         self.file_bits = self.control.file_bitmaps[number]
         self.mappings = []
         self.pages = []
+        self.skips = []
         for source in plan.sources:
             mapping, array = attach(source, writable=not plan.writing)
             self.mappings.append(mapping)
             self.pages.append(array)
+            self.skips.append(source.offset % mmap.ALLOCATIONGRANULARITY)
+        self.can_populate = True
         flags = os.O_WRONLY if plan.writing else os.O_RDONLY
         if plan.direct_io:
             flags |= os.O_DIRECT
@@ -88,6 +115,19 @@ class Channel:
         first = (chunk - int(self.chunk_bases[block])) * CHUNK_PAGES
         return block, first, min(CHUNK_PAGES, self.block_pages[block] - first)
 
+    def _populate(self, block: int, first: int, end: int, write: bool) -> None:
+        """Map pages [first, end) of a block in one system call.  A channel's
+        mapping starts empty, and faulting it in page by page costs twice
+        as much as the zero detection itself."""
+        if not self.can_populate:
+            return
+        try:
+            self.mappings[block].madvise(
+                _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ,
+                self.skips[block] + first * PAGE_SIZE, (end - first) * PAGE_SIZE)
+        except OSError:
+            self.can_populate = False  # an older kernel: let the pages fault
+
     def _bit_slice(self, block: int, first: int, count: int) -> slice:
         # Chunks start on a multiple of 8 pages, so their bits are whole bytes.
         base = self.bitmap_bases[block] + first // 8
@@ -103,59 +143,55 @@ class Channel:
             dirty = np.unpackbits(self.control.pass_bitmap[bits], count=count,
                                   bitorder="little").view(bool)
             pages = self.pages[block][first * PAGE_SIZE:(first + count) * PAGE_SIZE]
-            words = pages.view(np.uint64).reshape(count, _WORDS_PER_PAGE)
-            nonzero = np.zeros(count, dtype=bool)
-            for start, end in zip(*runs(dirty)):
-                # Zero detection over whole runs with numpy, never page by
-                # page in Python; only dirty pages are read.
-                nonzero[start:end] = words[start:end].max(axis=1) != 0
-            written = nonzero  # only dirty pages were examined
+            dirty_runs = runs(dirty)
+            for start, end in zip(*dirty_runs):
+                self._populate(block, first + start, first + end, write=False)
+            written = nonzero_pages(pages.view(np.uint64).reshape(count, _WORDS_PER_PAGE),
+                                    dirty_runs)
+            # This channel always handles this chunk, so its bits here are
+            # the latest: written pages set, dirty pages found zero cleared.
             old = np.unpackbits(self.file_bits[bits], count=count,
                                 bitorder="little").view(bool)
             self.file_bits[bits] = np.packbits((old & ~dirty) | written,
                                                bitorder="little")
-            base = self.plan.pages_offsets[block] + first * PAGE_SIZE
-            calls, nbytes = 0, 0
-            spans = dirty if self.plan.direct_io else written
-            for start, end in zip(*runs(spans)):
-                if self.plan.direct_io:
-                    # Write a dirty run from its first to its last non-zero
-                    # page in one aligned write: the zero pages inside go
-                    # along (their bits stay clear), which turns thousands
-                    # of small O_DIRECT writes into a few large ones.
-                    inside = np.flatnonzero(written[start:end])
-                    if not inside.size:
-                        continue
-                    start, end = start + inside[0], start + inside[-1] + 1
-                calls += 1
-                nbytes += self._pwrite(pages[start * PAGE_SIZE:end * PAGE_SIZE],
-                                       base + int(start) * PAGE_SIZE)
+            if self.plan.direct_io:
+                span_starts, span_ends = direct_io_spans(dirty_runs, written)
+            else:
+                span_starts, span_ends = runs(written)
+            nbytes = self._write_spans(pages, span_starts.tolist(), span_ends.tolist(),
+                                       self.plan.pages_offsets[block] + first * PAGE_SIZE)
             done = int(np.count_nonzero(dirty))
             wrote = int(np.count_nonzero(written))
             row = self.counters
             row[PAGES_WRITTEN] += wrote
             row[ZERO_PAGES] += done - wrote
             row[BYTES_WRITTEN] += nbytes
-            row[WRITE_CALLS] += calls
+            row[WRITE_CALLS] += len(span_starts)
             row[PAGES_DONE] += done
             row[SHARDS_DONE] += 1
             row[BUSY_NS] += time.perf_counter_ns() - started
 
-    def _pwrite(self, data: np.ndarray, offset: int) -> int:
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            try:
-                n = os.pwrite(self.fd, view[done:], offset + done)
-            except OSError as error:
-                raise OSError(error.errno, f"{error.strerror} (writing "
-                              f"{len(view) - done} bytes at offset {offset + done})",
-                              self.plan.image_path) from None
-            if n == 0:
-                raise OSError(errno.EIO, f"pwrite wrote nothing at offset "
-                              f"{offset + done}", self.plan.image_path)
-            done += n
-        return done
+    def _write_spans(self, pages: np.ndarray, starts: list[int], ends: list[int],
+                     base: int) -> int:
+        """pwrite each span of pages at its fixed offset; the hot loop of a
+        save, so it does nothing per span but slice and write."""
+        view = memoryview(pages)
+        fd = self.fd
+        total = 0
+        try:
+            for start, end in zip(starts, ends):
+                low, high = start * PAGE_SIZE, end * PAGE_SIZE
+                done = os.pwrite(fd, view[low:high], base + low)
+                while done < high - low:  # short write: only near ENOSPC
+                    more = os.pwrite(fd, view[low + done:high], base + low + done)
+                    if more == 0:
+                        raise OSError(errno.EIO, "pwrite wrote nothing")
+                    done += more
+                total += high - low
+        except OSError as error:
+            raise OSError(error.errno, f"{error.strerror} (writing pages at offset "
+                          f"{base + low})", self.plan.image_path) from None
+        return total
 
     # --- restore ---
 
@@ -168,6 +204,7 @@ class Channel:
             pages = self.pages[block][first * PAGE_SIZE:(first + count) * PAGE_SIZE]
             base = self.plan.pages_offsets[block] + first * PAGE_SIZE
             calls = 0
+            self._populate(block, first, first + count, write=True)
             for start, end in zip(*runs(present)):
                 calls += 1
                 self._pread(pages[start * PAGE_SIZE:end * PAGE_SIZE],

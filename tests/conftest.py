@@ -1,0 +1,97 @@
+"""Shared fixtures.  Tests run under ``pytest -n auto``: every file, segment
+and socket name here is unique per test, never fixed."""
+
+from __future__ import annotations
+
+import lzma
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import multiprocess
+import numpy as np
+import pytest
+
+import parallel_save as ps
+from parallel_save.format import PAGE_SIZE
+
+DATA = Path(__file__).parent / "data"
+
+
+def fill_pages(array: np.ndarray, rng: np.random.Generator, zero_fraction: float = 0.5
+               ) -> np.ndarray:
+    """Give each page random bytes or zeros; returns the non-zero mask."""
+    pages = array.reshape(-1, PAGE_SIZE)
+    nonzero = rng.random(pages.shape[0]) >= zero_fraction
+    pages[~nonzero] = 0
+    count = int(nonzero.sum())
+    data = rng.integers(0, 256, size=(count, PAGE_SIZE), dtype=np.uint8)
+    data[:, 0] |= 1  # never a page that is zero by chance
+    pages[nonzero] = data
+    return nonzero
+
+
+class ShmFactory:
+    """Makes RAM blocks over files in a private /dev/shm directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def block(self, name: str, pages: int, *, fill: str | float | None = None,
+              seed: int = 0) -> ps.RamBlock:
+        """A block of ``pages`` pages; ``fill`` None keeps it zero, "garbage"
+        fills every byte, a float is the fraction of zero pages (random)."""
+        path = self.root / f"{uuid.uuid4().hex}.ram"
+        block = ps.RamBlock.from_file(name, path, length=pages * PAGE_SIZE, create=True)
+        if fill == "garbage":
+            block.array[:] = np.random.default_rng(seed).integers(
+                1, 256, size=block.length, dtype=np.uint8)
+        elif fill is not None:
+            fill_pages(block.array, np.random.default_rng(seed), float(fill))
+        return block
+
+    def path(self, suffix: str = ".ram") -> Path:
+        return self.root / f"{uuid.uuid4().hex}{suffix}"
+
+
+@pytest.fixture
+def shm(request) -> ShmFactory:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    root = Path("/dev/shm") / f"parallel-save-test-{worker}-{uuid.uuid4().hex}"
+    root.mkdir()
+    try:
+        yield ShmFactory(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def qemu_files(tmp_path_factory) -> dict[str, Path]:
+    """The fixtures QEMU 10.0.2 wrote, decompressed once per test worker."""
+    out = tmp_path_factory.mktemp("qemu-fixtures")
+    files = {}
+    for packed in DATA.glob("*.xz"):
+        target = out / packed.name[:-3]
+        with lzma.open(packed) as source, open(target, "wb") as sink:
+            shutil.copyfileobj(source, sink, 1 << 20)
+        files[target.name] = target
+    return files
+
+
+def leftover_segments() -> list[str]:
+    """Control segments this process created and did not remove."""
+    prefix = f"parallel-save-{os.getpid()}-"
+    return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Every test leaves no channel process and no control segment behind
+    (DESIGN.md, invariant 6)."""
+    before = set(leftover_segments())
+    yield
+    children = [p for p in multiprocess.active_children()
+                if p.name.startswith("parallel-save channel")]
+    assert not children, f"channel processes left behind: {children}"
+    assert set(leftover_segments()) <= before, "control segment left in /dev/shm"
