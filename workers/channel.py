@@ -158,8 +158,9 @@ class Channel:
                 span_starts, span_ends = direct_io_spans(dirty_runs, written)
             else:
                 span_starts, span_ends = runs(written)
-            nbytes = self._write_spans(pages, span_starts.tolist(), span_ends.tolist(),
-                                       self.plan.pages_offsets[block] + first * PAGE_SIZE)
+            nbytes = self._spans_io(os.pwrite, "writing", pages, span_starts.tolist(),
+                                    span_ends.tolist(),
+                                    self.plan.pages_offsets[block] + first * PAGE_SIZE)
             done = int(np.count_nonzero(dirty))
             wrote = int(np.count_nonzero(written))
             row = self.counters
@@ -171,25 +172,27 @@ class Channel:
             row[SHARDS_DONE] += 1
             row[BUSY_NS] += time.perf_counter_ns() - started
 
-    def _write_spans(self, pages: np.ndarray, starts: list[int], ends: list[int],
-                     base: int) -> int:
-        """pwrite each span of pages at its fixed offset; the hot loop of a
-        save, so it does nothing per span but slice and write."""
+    def _spans_io(self, io, verb: str, pages: np.ndarray, starts: list[int],
+                  ends: list[int], base: int) -> int:
+        """Move each span of pages between memory and its fixed offset in
+        the file with one call (``io`` is a pwrite or a pread).  The hot
+        loop of a save or restore: nothing per span but slice and call."""
         view = memoryview(pages)
         fd = self.fd
-        total = 0
+        total = low = 0
         try:
             for start, end in zip(starts, ends):
                 low, high = start * PAGE_SIZE, end * PAGE_SIZE
-                done = os.pwrite(fd, view[low:high], base + low)
-                while done < high - low:  # short write: only near ENOSPC
-                    more = os.pwrite(fd, view[low + done:high], base + low + done)
+                done = io(fd, view[low:high], base + low)
+                while done < high - low:  # short transfer: ENOSPC ahead, or a short file
+                    more = io(fd, view[low + done:high], base + low + done)
                     if more == 0:
-                        raise OSError(errno.EIO, "pwrite wrote nothing")
+                        raise OSError(errno.EIO, f"{verb} stopped short: the file "
+                                      f"ends inside the pages region")
                     done += more
                 total += high - low
         except OSError as error:
-            raise OSError(error.errno, f"{error.strerror} (writing pages at offset "
+            raise OSError(error.errno, f"{error.strerror} ({verb} pages at offset "
                           f"{base + low})", self.plan.image_path) from None
         return total
 
@@ -203,12 +206,20 @@ class Channel:
                                     count=count, bitorder="little").view(bool)
             pages = self.pages[block][first * PAGE_SIZE:(first + count) * PAGE_SIZE]
             base = self.plan.pages_offsets[block] + first * PAGE_SIZE
-            calls = 0
-            self._populate(block, first, first + count, write=True)
-            for start, end in zip(*runs(present)):
-                calls += 1
-                self._pread(pages[start * PAGE_SIZE:end * PAGE_SIZE],
-                            base + int(start) * PAGE_SIZE)
+            starts, ends = (r.tolist() for r in runs(present))
+            if zero_clear:
+                self._populate(block, first, first + count, write=True)
+            for start, end in zip(starts, ends):
+                # Only the pages that get bytes: a destination known to be
+                # zero keeps its holes.
+                if not zero_clear:
+                    self._populate(block, first + start, first + end, write=True)
+            if starts and not self.plan.direct_io:
+                # One readahead for the chunk's whole span: the disk then
+                # reads it in large requests instead of one per run.
+                low, high = starts[0] * PAGE_SIZE, ends[-1] * PAGE_SIZE
+                os.posix_fadvise(self.fd, base + low, high - low, os.POSIX_FADV_WILLNEED)
+            self._spans_io(_pread, "reading", pages, starts, ends, base)
             read = int(np.count_nonzero(present))
             zeroed = 0
             if zero_clear:
@@ -218,25 +229,14 @@ class Channel:
             row = self.counters
             row[PAGES_READ] += read
             row[PAGES_ZEROED] += zeroed
-            row[WRITE_CALLS] += calls
+            row[WRITE_CALLS] += len(starts)
             row[PAGES_DONE] += count
             row[SHARDS_DONE] += 1
             row[BUSY_NS] += time.perf_counter_ns() - started
 
-    def _pread(self, data: np.ndarray, offset: int) -> None:
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            try:
-                n = os.preadv(self.fd, [view[done:]], offset + done)
-            except OSError as error:
-                raise OSError(error.errno, f"{error.strerror} (reading "
-                              f"{len(view) - done} bytes at offset {offset + done})",
-                              self.plan.image_path) from None
-            if n == 0:
-                raise OSError(errno.EIO, f"the file ends at offset {offset + done}, "
-                              f"inside the pages region", self.plan.image_path)
-            done += n
+
+def _pread(fd: int, buffer: memoryview, offset: int) -> int:
+    return os.preadv(fd, [buffer], offset)
 
 
 def _describe(error: BaseException) -> str:
