@@ -29,7 +29,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 __all__ = [
     "MAPPED_RAM_MIN_VERSION",
@@ -272,7 +272,7 @@ class QMP:
                 with contextlib.suppress(OSError):
                     closeable.close()
 
-    def __enter__(self) -> QMP:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -460,7 +460,7 @@ class QemuVM:
         self.qmp.close()
         self._finalizer()  # kills if still alive, reaps, removes the temp dir
 
-    def __enter__(self) -> QemuVM:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -17,19 +17,31 @@ Replies: ("ready",) once attached, ("done",) per pass, ("error", text).
 from __future__ import annotations
 
 import ctypes
-import mmap
 import errno
+import mmap
 import os
 import pickle
 import signal
 import time
+
 import numpy as np
 
 from parallel_save.blocks import attach
-from parallel_save.control import (BUSY_NS, BYTES_WRITTEN, CHUNK_PAGES, PAGES_DONE,
-                                   PAGES_READ, PAGES_WRITTEN, PAGES_ZEROED, SHARDS_DONE,
-                                   WRITE_CALLS, ZERO_PAGES, ChannelPlan, ControlSegment)
-from parallel_save.format import PAGE_SIZE, bit_runs as runs
+from parallel_save.control import (
+    BUSY_NS,
+    BYTES_WRITTEN,
+    CHUNK_PAGES,
+    PAGES_DONE,
+    PAGES_READ,
+    PAGES_WRITTEN,
+    PAGES_ZEROED,
+    SHARDS_DONE,
+    WRITE_CALLS,
+    ZERO_PAGES,
+    ChannelPlan,
+    ControlSegment,
+)
+from parallel_save.format import PAGE_SIZE
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 _PR_SET_PDEATHSIG = 1
@@ -47,39 +59,74 @@ def _die_with_parent() -> None:
         pass
 
 
-def nonzero_pages(words: np.ndarray, dirty_runs: tuple[np.ndarray, np.ndarray]
-                  ) -> np.ndarray:
-    """Which dirty pages are non-zero (``words``: one row of uint64 per page).
+# A channel handles its chunks a window at a time: every numpy call then
+# covers up to 16 chunks (32 MiB), so a sparse pass (1 % dirty) costs a
+# few calls per window instead of a dozen per chunk.
+WINDOW_PAGES = 16 * CHUNK_PAGES
+# The longest single pwrite/pread: large enough to stream, small enough to
+# report progress and to keep one call from holding the file for long.
+MAX_SPAN_PAGES = 2048
+# Populate runs one by one only while they are few; a sparse pass over
+# pages already mapped by an earlier pass needs none.
+MAX_POPULATE_RUNS = 64
+# Zero detection reduces up to this many runs of a window in place.
+MAX_SLICED_RUNS = 16
 
-    Vectorised over whole runs, never page by page in Python.  A page whose
-    first word is non-zero needs no more reading; only the others are
-    scanned in full, so mostly non-zero memory costs one cache line a page.
-    """
-    nonzero = np.zeros(words.shape[0], dtype=bool)
-    for start, end in zip(*dirty_runs):
-        run = words[start:end]
-        found = run[:, 0] != 0
-        maybe_zero = np.flatnonzero(~found)
-        if maybe_zero.size:
-            found[maybe_zero] = run[maybe_zero].max(axis=1) != 0
-        nonzero[start:end] = found
-    return nonzero
+
+def nonzero_pages(words: np.ndarray, pages: np.ndarray,
+                  runs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Which of ``pages`` (sorted indexes into ``words``, one uint64 row per
+    page, forming ``runs``) are non-zero: vectorised, never page by page in
+    Python.  A few long runs are reduced in place (no copy); many short
+    runs, a sparse pass, are gathered first, and only the pages whose first
+    word is zero are then read in full."""
+    if len(runs[0]) <= MAX_SLICED_RUNS:
+        return np.concatenate([words[start:end].max(axis=1) != 0
+                               for start, end in zip(*runs)] or [np.zeros(0, bool)])
+    found = words[pages, 0] != 0
+    maybe_zero = np.flatnonzero(~found)
+    if maybe_zero.size:
+        found[maybe_zero] = words[pages[maybe_zero]].max(axis=1) != 0
+    return found
+
+
+def page_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of consecutive page numbers in a sorted array: (starts, ends)."""
+    if not pages.size:
+        return pages, pages
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    return pages[np.concatenate(([0], breaks))], pages[np.concatenate((breaks - 1, [-1]))] + 1
+
+
+def split_spans(starts: np.ndarray, ends: np.ndarray, limit: int = MAX_SPAN_PAGES
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Cut spans longer than ``limit`` pages into pieces of at most ``limit``."""
+    pieces = -(-(ends - starts) // limit)
+    if not pieces.size or pieces.max() <= 1:
+        return starts, ends
+    first_piece = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    new_starts = np.repeat(starts, pieces) + limit * (np.arange(pieces.sum()) - first_piece)
+    return new_starts, np.minimum(new_starts + limit, np.repeat(ends, pieces))
 
 
 def direct_io_spans(dirty_runs: tuple[np.ndarray, np.ndarray], written: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
     """For O_DIRECT: one span per dirty run, from its first to its last
-    non-zero page.  The zero pages inside go along (their bits stay clear),
-    which turns thousands of small O_DIRECT writes into a few large ones;
-    only pages of this pass are ever rewritten."""
-    pages = np.flatnonzero(written)
-    if not pages.size:
-        return pages, pages
-    run_of = np.searchsorted(dirty_runs[0], pages, side="right") - 1
+    non-zero page (``written``: sorted page numbers).  The zero pages inside
+    go along (their bits stay clear), which turns thousands of small
+    O_DIRECT writes into a few large ones; only pages of this pass are
+    ever rewritten."""
+    if not written.size:
+        return written, written
+    run_of = np.searchsorted(dirty_runs[0], written, side="right") - 1
     boundary = run_of[1:] != run_of[:-1]
-    firsts = pages[np.concatenate(([True], boundary))]
-    lasts = pages[np.concatenate((boundary, [True]))]
+    firsts = written[np.concatenate(([True], boundary))]
+    lasts = written[np.concatenate((boundary, [True]))]
     return firsts, lasts + 1
+
+
+def _pread(fd: int, buffer: memoryview, offset: int) -> int:
+    return os.preadv(fd, [buffer], offset)
 
 
 class Channel:
@@ -90,12 +137,12 @@ class Channel:
         self.counters = self.control.counters[number]
         self.file_bits = self.control.file_bitmaps[number]
         self.mappings = []
-        self.pages = []
+        self.words = []  # each block as one row of uint64 per page
         self.skips = []
         for source in plan.sources:
             mapping, array = attach(source, writable=not plan.writing)
             self.mappings.append(mapping)
-            self.pages.append(array)
+            self.words.append(array.view(np.uint64).reshape(-1, _WORDS_PER_PAGE))
             self.skips.append(source.offset % mmap.ALLOCATIONGRANULARITY)
         self.can_populate = True
         flags = os.O_WRONLY if plan.writing else os.O_RDONLY
@@ -109,75 +156,92 @@ class Channel:
     def close(self) -> None:
         os.close(self.fd)
 
-    def _chunk(self, chunk: int) -> tuple[int, int, int]:
-        """(block, first page, page count) of a global chunk number."""
-        block = int(np.searchsorted(self.chunk_bases, chunk, side="right")) - 1
-        first = (chunk - int(self.chunk_bases[block])) * CHUNK_PAGES
-        return block, first, min(CHUNK_PAGES, self.block_pages[block] - first)
+    def _windows(self, chunks: np.ndarray):
+        """Group this channel's chunks (ascending) by block and window:
+        yields (block, first page, end page, own), ``own`` marking the
+        window's pages that belong to these chunks."""
+        blocks = np.searchsorted(self.chunk_bases, chunks, side="right") - 1
+        local = chunks - self.chunk_bases[blocks]
+        per_window = WINDOW_PAGES // CHUNK_PAGES
+        keys = blocks.astype(np.int64) << 32 | local // per_window
+        bounds = np.flatnonzero(np.diff(keys)) + 1
+        for group in np.split(np.arange(chunks.size), bounds):
+            if not group.size:
+                continue
+            block = int(blocks[group[0]])
+            first = int(local[group[0]] // per_window) * WINDOW_PAGES
+            end = min(first + WINDOW_PAGES, self.block_pages[block])
+            own_chunks = np.zeros(per_window, dtype=bool)
+            own_chunks[local[group] % per_window] = True
+            own = np.repeat(own_chunks, CHUNK_PAGES)[:end - first]
+            yield block, first, end, own
 
-    def _populate(self, block: int, first: int, end: int, write: bool) -> None:
-        """Map pages [first, end) of a block in one system call.  A channel's
+    def _bits(self, row: np.ndarray, block: int, first: int, end: int) -> np.ndarray:
+        """The packed bits of pages [first, end) of a block in a bitmap row
+        (``first`` is a multiple of 8, so they are whole bytes)."""
+        base = self.bitmap_bases[block] + first // 8
+        return row[base:base + (end - first + 7) // 8]
+
+    def _unpack(self, row: np.ndarray, block: int, first: int, end: int) -> np.ndarray:
+        return np.unpackbits(self._bits(row, block, first, end), count=end - first,
+                             bitorder="little").view(bool)
+
+    def _populate(self, block: int, first: int, starts: np.ndarray, ends: np.ndarray,
+                  write: bool) -> None:
+        """Map the runs of pages in one system call each: a channel's
         mapping starts empty, and faulting it in page by page costs twice
         as much as the zero detection itself."""
-        if not self.can_populate:
+        if not self.can_populate or len(starts) > MAX_POPULATE_RUNS:
             return
+        advice = _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ
+        mapping, skip = self.mappings[block], self.skips[block]
         try:
-            self.mappings[block].madvise(
-                _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ,
-                self.skips[block] + first * PAGE_SIZE, (end - first) * PAGE_SIZE)
+            for start, end in zip(starts.tolist(), ends.tolist()):
+                mapping.madvise(advice, skip + (first + start) * PAGE_SIZE,
+                                (end - start) * PAGE_SIZE)
         except OSError:
             self.can_populate = False  # an older kernel: let the pages fault
-
-    def _bit_slice(self, block: int, first: int, count: int) -> slice:
-        # Chunks start on a multiple of 8 pages, so their bits are whole bytes.
-        base = self.bitmap_bases[block] + first // 8
-        return slice(base, base + (count + 7) // 8)
 
     # --- save ---
 
     def save(self, chunks: np.ndarray) -> None:
-        for chunk in chunks:
+        for block, first, end, own in self._windows(chunks):
             started = time.perf_counter_ns()
-            block, first, count = self._chunk(int(chunk))
-            bits = self._bit_slice(block, first, count)
-            dirty = np.unpackbits(self.control.pass_bitmap[bits], count=count,
-                                  bitorder="little").view(bool)
-            pages = self.pages[block][first * PAGE_SIZE:(first + count) * PAGE_SIZE]
-            dirty_runs = runs(dirty)
-            for start, end in zip(*dirty_runs):
-                self._populate(block, first + start, first + end, write=False)
-            written = nonzero_pages(pages.view(np.uint64).reshape(count, _WORDS_PER_PAGE),
-                                    dirty_runs)
-            # This channel always handles this chunk, so its bits here are
+            dirty = self._unpack(self.control.pass_bitmap, block, first, end) & own
+            dirty_pages = np.flatnonzero(dirty)
+            dirty_runs = page_runs(dirty_pages)
+            self._populate(block, first, *dirty_runs, write=False)
+            words = self.words[block][first:end]
+            written = dirty_pages[nonzero_pages(words, dirty_pages, dirty_runs)]
+            # This channel always handles these chunks, so its bits here are
             # the latest: written pages set, dirty pages found zero cleared.
-            old = np.unpackbits(self.file_bits[bits], count=count,
-                                bitorder="little").view(bool)
-            self.file_bits[bits] = np.packbits((old & ~dirty) | written,
-                                               bitorder="little")
+            present = self._unpack(self.file_bits, block, first, end) & ~dirty
+            present[written] = True
+            self._bits(self.file_bits, block, first, end)[:] = np.packbits(
+                present, bitorder="little")
             if self.plan.direct_io:
-                span_starts, span_ends = direct_io_spans(dirty_runs, written)
+                spans = direct_io_spans(dirty_runs, written)
             else:
-                span_starts, span_ends = runs(written)
-            nbytes = self._spans_io(os.pwrite, "writing", pages, span_starts.tolist(),
-                                    span_ends.tolist(),
+                spans = page_runs(written)
+            starts, ends = split_spans(*spans)
+            nbytes = self._spans_io(os.pwrite, "writing", words, starts.tolist(),
+                                    ends.tolist(),
                                     self.plan.pages_offsets[block] + first * PAGE_SIZE)
-            done = int(np.count_nonzero(dirty))
-            wrote = int(np.count_nonzero(written))
             row = self.counters
-            row[PAGES_WRITTEN] += wrote
-            row[ZERO_PAGES] += done - wrote
+            row[PAGES_WRITTEN] += written.size
+            row[ZERO_PAGES] += dirty_pages.size - written.size
             row[BYTES_WRITTEN] += nbytes
-            row[WRITE_CALLS] += len(span_starts)
-            row[PAGES_DONE] += done
+            row[WRITE_CALLS] += starts.size
+            row[PAGES_DONE] += dirty_pages.size
             row[SHARDS_DONE] += 1
             row[BUSY_NS] += time.perf_counter_ns() - started
 
-    def _spans_io(self, io, verb: str, pages: np.ndarray, starts: list[int],
+    def _spans_io(self, io, verb: str, words: np.ndarray, starts: list[int],
                   ends: list[int], base: int) -> int:
         """Move each span of pages between memory and its fixed offset in
         the file with one call (``io`` is a pwrite or a pread).  The hot
         loop of a save or restore: nothing per span but slice and call."""
-        view = memoryview(pages)
+        view = memoryview(words).cast("B")
         fd = self.fd
         total = low = 0
         try:
@@ -199,44 +263,35 @@ class Channel:
     # --- restore ---
 
     def restore(self, chunks: np.ndarray, zero_clear: bool) -> None:
-        for chunk in chunks:
+        for block, first, end, own in self._windows(chunks):
             started = time.perf_counter_ns()
-            block, first, count = self._chunk(int(chunk))
-            present = np.unpackbits(self.control.pass_bitmap[self._bit_slice(block, first, count)],
-                                    count=count, bitorder="little").view(bool)
-            pages = self.pages[block][first * PAGE_SIZE:(first + count) * PAGE_SIZE]
+            present = self._unpack(self.control.pass_bitmap, block, first, end) & own
+            words = self.words[block][first:end]
+            starts, ends = split_spans(*page_runs(np.flatnonzero(present)))
+            clear_starts, clear_ends = page_runs(np.flatnonzero(own & ~present))
+            # Only the pages that get bytes: a destination known to be zero
+            # keeps its holes.
+            self._populate(block, first, starts, ends, write=True)
             base = self.plan.pages_offsets[block] + first * PAGE_SIZE
-            starts, ends = (r.tolist() for r in runs(present))
-            if zero_clear:
-                self._populate(block, first, first + count, write=True)
-            for start, end in zip(starts, ends):
-                # Only the pages that get bytes: a destination known to be
-                # zero keeps its holes.
-                if not zero_clear:
-                    self._populate(block, first + start, first + end, write=True)
-            if starts and not self.plan.direct_io:
-                # One readahead for the chunk's whole span: the disk then
+            if starts.size and not self.plan.direct_io:
+                # One readahead for the window's whole span: the disk then
                 # reads it in large requests instead of one per run.
-                low, high = starts[0] * PAGE_SIZE, ends[-1] * PAGE_SIZE
+                low, high = int(starts[0]) * PAGE_SIZE, int(ends[-1]) * PAGE_SIZE
                 os.posix_fadvise(self.fd, base + low, high - low, os.POSIX_FADV_WILLNEED)
-            self._spans_io(_pread, "reading", pages, starts, ends, base)
-            read = int(np.count_nonzero(present))
+            self._spans_io(_pread, "reading", words, starts.tolist(), ends.tolist(), base)
             zeroed = 0
             if zero_clear:
-                for start, end in zip(*runs(~present)):
-                    pages[start * PAGE_SIZE:end * PAGE_SIZE] = 0
-                zeroed = count - read
+                for start, end in zip(clear_starts.tolist(), clear_ends.tolist()):
+                    words[start:end] = 0
+                zeroed = int((clear_ends - clear_starts).sum())
+            read = int((ends - starts).sum())
             row = self.counters
             row[PAGES_READ] += read
             row[PAGES_ZEROED] += zeroed
-            row[WRITE_CALLS] += len(starts)
-            row[PAGES_DONE] += count
+            row[WRITE_CALLS] += starts.size
+            row[PAGES_DONE] += int(np.count_nonzero(own))
             row[SHARDS_DONE] += 1
             row[BUSY_NS] += time.perf_counter_ns() - started
-
-
-def _pread(fd: int, buffer: memoryview, offset: int) -> int:
-    return os.preadv(fd, [buffer], offset)
 
 
 def _describe(error: BaseException) -> str:
