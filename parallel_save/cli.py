@@ -10,8 +10,9 @@
 
 Every user mistake ends in one line on stderr, ``parallel-save: error: ...``,
 with exit status 2 for a bad command line and 1 for a failure; ``--debug``
-adds the traceback.  Ctrl-C ends with status 130; the Saver has removed its
-channels and its partial file by then.
+adds the traceback.  Ctrl-C ends with status 130, SIGTERM and SIGHUP with
+128 + the signal; the Saver has stopped its channels and dealt with its
+partial file by then.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
@@ -34,23 +36,26 @@ import numpy as np
 from . import __version__
 from .blocks import BlockSource, RamBlock, attach
 from .directio import check_direct_io
-from .errors import BlockError, ParallelSaveError
+from .errors import BlockError, DirectIOError, ParallelSaveError
 from .format import PAGE_SIZE
 from .image import Image, open_image
 from .restorer import restore
 from .saver import MAX_CHANNELS, save
+from .signals import terminate_cleanly
 from .stats import read_status
 
 PROG = "parallel-save"
 DEFAULT_CHANNELS = 4
+# The demo's blocks live here: shared memory any channel can map.
+SHM_DIR = "/dev/shm"
 
 # QEMU refuses a stream whose machine type is not its own machine's full,
 # versioned name; these are the aliases users type, as QEMU 10.0 resolves
 # them.  Any other name is written as given.
 MACHINE_PRESETS = {"q35": "pc-q35-10.0", "pc": "pc-i440fx-10.0"}
 
-# Pages compared per step by verify and demo: bounded temporaries, whatever
-# the block's size.
+# Pages handled per step when verify compares and demo fills or compares:
+# bounded temporaries, whatever the block's size.
 COMPARE_PAGES = 16384
 # Page numbers listed per block when verify finds differences.
 LISTED_PAGES = 20
@@ -123,11 +128,13 @@ def _unique_blocks(specs: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def _human_bytes(count: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+    if count < 1024:
+        return f"{count:.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
         count /= 1024
-    raise AssertionError("unreachable")
+        if count < 1024:
+            break
+    return f"{count:.1f} {unit}"
 
 
 def _gbps(ram_bytes: int, seconds: float) -> float:
@@ -147,7 +154,8 @@ class ProgressBar:
     """A progress bar with throughput per phase, on a terminal only:
     the ``on_progress`` callback of a save or restore."""
 
-    LABELS: ClassVar[dict[str, str]] = {"iterate": "saving", "complete": "saving", "restore": "restoring"}
+    LABELS: ClassVar[dict[str, str]] = {"iterate": "saving", "complete": "saving",
+                                        "restore": "restoring"}
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -186,7 +194,7 @@ def _progress(args: argparse.Namespace) -> ProgressBar:
 # --- blocks from files ---
 
 
-def _source_block(name: str, path: str, writable: bool = False) -> RamBlock:
+def _source_block(name: str, path: str) -> RamBlock:
     """A block mapped shared from ``path``: its bytes stay in the page
     cache, never copied into this process."""
     try:
@@ -198,7 +206,7 @@ def _source_block(name: str, path: str, writable: bool = False) -> RamBlock:
     if info.st_size == 0 or info.st_size % PAGE_SIZE:
         raise Failure(f"block {name!r}: {path} is {info.st_size} bytes, not a positive "
                       f"multiple of the page size {PAGE_SIZE}")
-    return RamBlock.from_file(name, path, writable=writable)
+    return RamBlock.from_file(name, path, writable=False)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -224,6 +232,18 @@ def block_file_name(name: str) -> str:
 # --- save ---
 
 
+def _check_direct_io_beside(image: str) -> None:
+    """Refuse --direct-io before anything is written: the image may not
+    exist yet, so a temporary file beside it is probed."""
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(image)),
+                                     prefix=".parallel-save-probe-") as probe:
+        try:
+            check_direct_io(probe.name, writable=True, option="--direct-io")
+        except DirectIOError as error:
+            raise DirectIOError(f"{image}: {str(error).removeprefix(probe.name + ': ')}"
+                                ) from None
+
+
 def cmd_save(args: argparse.Namespace) -> int:
     paths = _unique_blocks(args.block)
     image_dir = os.path.dirname(os.path.abspath(args.image))
@@ -233,6 +253,8 @@ def cmd_save(args: argparse.Namespace) -> int:
         if _same_file(path, args.image):
             raise Failure(f"{args.image} is also the source of block {name!r}")
     blocks = [_source_block(name, path) for name, path in paths.items()]
+    if args.direct_io:
+        _check_direct_io_beside(args.image)
     machine = MACHINE_PRESETS.get(args.machine, args.machine)
     with _progress(args) as bar:
         stats = save(args.image, blocks, args.channels, direct_io=args.direct_io,
@@ -382,11 +404,10 @@ def _inspect_text(info: dict[str, Any]) -> str:
               str(b["pages_offset"])] for b in info["blocks"]]
     lines += ["", *_table(rows), ""]
     if info["description"] is not None:
-        lines.append("description   " + json.dumps(info["description"], indent=2,
-                                                   sort_keys=True).replace("\n", "\n              "))
+        described = json.dumps(info["description"], indent=2, sort_keys=True)
+        lines.append("description   " + described.replace("\n", "\n              "))
     elif info["qemu_description"]:
-        lines.append("description   QEMU's device description (use --json for ours; "
-                     "QEMU's is not shown)")
+        lines.append("description   QEMU's (device state layout, not shown)")
     else:
         lines.append("description   none")
     return "\n".join(lines)
@@ -486,12 +507,20 @@ def _fill_demo_block(array: np.ndarray, zero_fraction: float, seed: int) -> int:
     return nonzero
 
 
-def _shm_room(needed: int) -> None:
-    info = os.statvfs("/dev/shm")
+def _shm_room(size: int, image_dir: str) -> None:
+    """Refuse up front what would end in SIGBUS or ENOSPC half way: two
+    blocks of ``size`` in /dev/shm, and the image if it goes there too."""
+    needed = 2 * size + (size if os.stat(image_dir).st_dev == os.stat(SHM_DIR).st_dev else 0)
+    info = os.statvfs(SHM_DIR)
     free = info.f_bavail * info.f_frsize
     if free < needed:
-        raise Failure(f"demo: /dev/shm has {_human_bytes(free)} free, the demo needs "
-                      f"{_human_bytes(needed)} (two blocks of --size); pass a smaller --size")
+        raise Failure(f"demo: {SHM_DIR} has {_human_bytes(free)} free, the demo needs "
+                      f"{_human_bytes(needed)}; pass a smaller --size, or --dir DIR")
+
+
+def _blocks_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    step = COMPARE_PAGES * PAGE_SIZE
+    return all(np.array_equal(a[at:at + step], b[at:at + step]) for at in range(0, a.size, step))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -501,16 +530,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          f"page size {PAGE_SIZE}")
     if not os.path.isdir(args.dir):
         raise Failure(f"demo: no such directory {args.dir}")
-    _shm_room(2 * size)
-    with tempfile.TemporaryDirectory(prefix="parallel-save-demo-", dir="/dev/shm") as ram_dir, \
+    _shm_room(size, args.dir)
+    with tempfile.TemporaryDirectory(prefix="parallel-save-demo-", dir=SHM_DIR) as ram_dir, \
             tempfile.TemporaryDirectory(prefix="parallel-save-demo-", dir=args.dir) as image_dir:
         source = RamBlock.from_file("ram0", os.path.join(ram_dir, "source.ram"),
                                     length=size, create=True)
-        nonzero = _fill_demo_block(source.array, args.zero_fraction, seed=0)
-        image = os.path.join(image_dir, "demo.img")
         pages = size // PAGE_SIZE
-        print(f"demo: one {_human_bytes(size)} block in /dev/shm, {pages - nonzero} of its "
-              f"{pages} pages zero; image in {image_dir}; {args.channels} channel(s)")
+        zero = pages - _fill_demo_block(source.array, args.zero_fraction, seed=0)
+        image = os.path.join(image_dir, "demo.img")
+        print(f"parallel-save demo: {_human_bytes(size)} of RAM in one block, {zero} of its "
+              f"{pages} pages zero, {args.channels} channel(s)")
+        print(f"  RAM      {ram_dir}")
+        print(f"  image    {image}")
         with ProgressBar(sys.stderr.isatty()) as bar:
             saved = save(image, [source], args.channels, on_progress=bar)
         on_disk = os.stat(image)
@@ -519,20 +550,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with ProgressBar(sys.stderr.isatty()) as bar:
             restored = restore(image, [target], args.channels, assume_zero=True,
                                on_progress=bar)
-        equal = all(np.array_equal(source.array[at:at + COMPARE_PAGES * PAGE_SIZE],
-                                   target.array[at:at + COMPARE_PAGES * PAGE_SIZE])
-                    for at in range(0, size, COMPARE_PAGES * PAGE_SIZE))
-        print(f"  save     {saved.total_seconds:7.3f} s  {_gbps(size, saved.total_seconds):6.2f}"
-              f" GB/s  {saved.pages_written} pages written, {saved.zero_pages} zero "
-              f"(left as holes), synced to disk")
-        print(f"  restore  {restored.seconds:7.3f} s  {_gbps(size, restored.seconds):6.2f} GB/s"
-              f"  {restored.pages_read} pages read into a fresh block")
-        print(f"  image    {_human_bytes(on_disk.st_size)} apparent, "
-              f"{_human_bytes(on_disk.st_blocks * 512)} on disk (sparse)")
+        equal = _blocks_equal(source.array, target.array)
+        print(f"  save     {saved.total_seconds:7.3f} s {_gbps(size, saved.total_seconds):6.2f} "
+              f"GB/s  {saved.pages_written} pages written, {saved.zero_pages} zero pages "
+              f"left as holes")
+        print(f"  restore  {restored.seconds:7.3f} s {_gbps(size, restored.seconds):6.2f} "
+              f"GB/s  {restored.pages_read} pages read into a fresh block")
+        print(f"  file     {_human_bytes(on_disk.st_size)} apparent, "
+              f"{_human_bytes(on_disk.st_blocks * 512)} on disk")
         del source, target  # unmapped, tmpfs frees the memory as the files go
     if not equal:
         raise Failure("demo: the restored block differs from the source")
-    print("  restored block equals the source: yes")
+    print("  check    the restored block equals the source")
     return 0
 
 
@@ -661,8 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share of pages that are zero (default 0.5)")
     sub.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
                      help=f"worker processes (default {DEFAULT_CHANNELS})")
-    sub.add_argument("--dir", default=tempfile.gettempdir(), metavar="DIR",
-                     help="where the image is written (default %(default)s)")
+    sub.add_argument("--dir", default=SHM_DIR, metavar="DIR",
+                     help="where the image is written (default %(default)s, memory: "
+                     "give a directory on a disk to measure the disk)")
     sub.set_defaults(run=cmd_demo)
 
     sub = command("status", "show the progress a running save publishes (save --status-board)")
@@ -689,7 +719,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["bench"]:
             return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
-        return args.run(args)
+        with terminate_cleanly():
+            return args.run(args)
     except UsageError as error:
         return _fail(error, 2, debug)
     except BrokenPipeError:
@@ -698,6 +729,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as error:
         return _fail(error, 130, debug, "interrupted")
+    except SystemExit as error:
+        if not isinstance(error.code, int) or error.code <= 128:
+            raise  # --help, --version
+        # SIGTERM or SIGHUP, turned into SystemExit(128 + signal) so that
+        # the Saver cleans up as it does for Ctrl-C.
+        name = signal.Signals(error.code - 128).name
+        return _fail(error, error.code, debug, f"stopped by {name}")
     except (ParallelSaveError, OSError, ValueError) as error:
         return _fail(error, 1, debug)
 
