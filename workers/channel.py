@@ -323,7 +323,7 @@ def channel_main(number: int, conn, plan: ChannelPlan) -> None:
             conn.send_bytes(pickle.dumps(("done",)))
     except (EOFError, BrokenPipeError):
         pass  # the coordinator is gone: nothing to report to
-    except BaseException as error:  # reported, then the coordinator stops us
+    except BaseException as error:  # noqa: BLE001 -- reported, then the coordinator stops us
         try:
             conn.send_bytes(pickle.dumps(("error", _describe(error))))
         except OSError:
