@@ -449,8 +449,9 @@ def _read_configuration(cur: _Cursor) -> tuple[str, tuple[str, ...]]:
     machine = cur.text(length, "machine type")
     capabilities: tuple[str, ...] | None = None
     list_at = cur.pos  # where the capability list is, or should have been
-    while cur.peek(1) == _U8.pack(VM_SUBSECTION):
-        cur.pos += 1
+    # A type byte follows the machine type: a subsection's, or the RAM section's.
+    while cur.peek(1) in (_U8.pack(VM_SUBSECTION), b""):
+        cur.u8("section type after the machine type")
         at = cur.pos
         name = cur.short_string("configuration subsection name")
         if name != CAPABILITIES_SUBSECTION:
@@ -532,26 +533,30 @@ def _find_vmdescription(cur: _Cursor) -> dict[str, Any] | None:
     trailer: footer, EOF, VMDESCRIPTION, be32 length, JSON reaching the
     file's end.  Returns the description, or None if there is no trailer.
 
-    Scans backwards a chunk at a time from the end, at most
-    DESCRIPTION_SEARCH bytes, so a hostile file costs bounded memory."""
-    marker = _U8.pack(VM_EOF) + _U8.pack(VM_VMDESCRIPTION)
+    JSON text holds no NUL byte, so EOF is one of the six bytes that end at
+    the file's last NUL: find that NUL reading backwards a chunk at a time,
+    at most DESCRIPTION_SEARCH bytes, so a hostile file costs bounded time
+    and memory."""
     floor = max(cur.pos, cur.size - DESCRIPTION_SEARCH)
-    end = cur.size  # EOF candidates still to look at are in [floor, end)
+    end = cur.size
     while end > floor:
         base = max(floor, end - _SCAN_CHUNK)
-        # A trailer starting just before ``end`` needs its length field too.
-        chunk = os.pread(cur.fd, end - base + _DESCRIPTION_HEADER.size - 1, base)
-        hit = chunk.rfind(marker, 0, end - base + 1)
-        while hit >= 0:
-            eof_at = base + hit
-            json_at = eof_at + _DESCRIPTION_HEADER.size
-            if hit + _DESCRIPTION_HEADER.size <= len(chunk):
-                length = _DESCRIPTION_HEADER.unpack_from(chunk, hit)[2]
-                if json_at + length == cur.size and _ends_device_state(cur, eof_at):
-                    return _parse_description(cur, os.pread(cur.fd, length, json_at),
-                                              json_at)
-            hit = chunk.rfind(marker, 0, hit + 1)
+        last_nul = os.pread(cur.fd, end - base, base).rfind(b"\0")
+        if last_nul >= 0:
+            last_nul += base
+            break
         end = base
+    else:
+        return None
+    for eof_at in range(max(floor, last_nul - _DESCRIPTION_HEADER.size + 1), last_nul + 1):
+        trailer = os.pread(cur.fd, _DESCRIPTION_HEADER.size, eof_at)
+        if len(trailer) < _DESCRIPTION_HEADER.size:
+            continue
+        eof, kind, length = _DESCRIPTION_HEADER.unpack(trailer)
+        json_at = eof_at + _DESCRIPTION_HEADER.size
+        if ((eof, kind) == (VM_EOF, VM_VMDESCRIPTION) and json_at + length == cur.size
+                and _ends_device_state(cur, eof_at)):
+            return _parse_description(cur, os.pread(cur.fd, length, json_at), json_at)
     return None
 
 
@@ -584,7 +589,7 @@ def decode_stream(fd: int, path: str | os.PathLike, start: int = 0) -> StreamInf
 
 
 def _decode(cur: _Cursor) -> StreamInfo:
-    fd, start, size = cur.fd, cur.pos, cur.size
+    start, size = cur.pos, cur.size
     if start > size:
         raise cur.error(f"stream start {start} is past the end of the file ({size} bytes)")
     magic, version = cur.unpack(_STREAM_HEADER, "stream header")
@@ -679,7 +684,8 @@ def _decode(cur: _Cursor) -> StreamInfo:
     # After the RAM END: ours writes EOF then the JSON description; QEMU
     # writes device state first (SECTION_FULL), which carries no length.
     if cur.pos >= size:
-        return incomplete("the stream stops after the RAM END, before EOF", passes, cur.pos)
+        return incomplete("the stream stops after the RAM END, before EOF: the save did "
+                          "not complete", passes, cur.pos)
     at = cur.pos
     kind = cur.u8("section type after the RAM END")
     if kind == VM_EOF:
@@ -689,11 +695,17 @@ def _decode(cur: _Cursor) -> StreamInfo:
             kind = cur.u8("section type after EOF")
             if kind != VM_VMDESCRIPTION:
                 raise cur.error(f"unexpected byte 0x{kind:02x} after EOF", at)
-            length = cur.be32("description length")
-            if cur.pos + length != size:
+            try:
+                length = cur.be32("description length")
+                json_at = cur.pos
+                raw = cur.take(length, "description")
+            except _Truncated:
+                return incomplete(f"the stream stops inside the description at {at}: "
+                                  f"the save did not complete", passes, at)
+            if cur.pos != size:
                 raise cur.error(f"description length {length} does not reach the end "
-                                f"of the file ({size - cur.pos} bytes follow)", at + 1)
-            description = _parse_description(cur, cur.take(length, "description"), cur.pos)
+                                f"of the file ({size - json_at} bytes follow)", at + 1)
+            description = _parse_description(cur, raw, json_at)
         return StreamInfo(layout, True, None, passes, False, description, size)
     if kind == VM_SECTION_FULL:
         description = _find_vmdescription(cur)
