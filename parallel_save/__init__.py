@@ -20,10 +20,12 @@ from .image import BlockInfo, Image, open_image  # noqa: E402
 from .restorer import restore  # noqa: E402
 from .saver import Saver, save  # noqa: E402
 from .stats import PassStats, RestoreStats, SaveStats, read_status  # noqa: E402
+from .tracking import DirtyLog, DirtyTracker, TrackingError, UffdTracker, uffd_support
 
 __all__ = [
     "RamBlock", "Saver", "save", "restore", "open_image", "Image", "BlockInfo",
     "SaveStats", "PassStats", "RestoreStats", "read_status",
     "ParallelSaveError", "FormatError", "IncompleteImageError", "BlockError",
     "ChannelError", "DirectIOError", "SaveStateError", "__version__",
+    "DirtyLog", "DirtyTracker", "UffdTracker", "TrackingError", "uffd_support",
 ]

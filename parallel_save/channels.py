@@ -12,7 +12,7 @@ from __future__ import annotations
 import pickle
 import signal
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import multiprocess
 import numpy as np
@@ -25,7 +25,7 @@ import workers.channel as channel_process
 from .blocks import BlockSource
 from .control import ChannelPlan, ControlLayout, ControlSegment
 from .errors import ChannelError
-from .signals import signals_deferred
+from .signals import TERMINATE_SIGNALS, signals_deferred
 
 # How often a waiting coordinator wakes to report progress.
 PROGRESS_INTERVAL = 0.1
@@ -51,6 +51,14 @@ def _exit_description(exitcode: int | None) -> str:
     return f"exited with status {exitcode}"
 
 
+def _channel(number: int, connection, plan: ChannelPlan) -> None:
+    """A channel process: forked while the coordinator held its stop signals
+    back, it starts from the default handlers, not from the coordinator's."""
+    for signum in TERMINATE_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    channel_process.channel_main(number, connection, plan)
+
+
 class ChannelGroup:
     """N channel processes of one save or restore."""
 
@@ -66,10 +74,12 @@ class ChannelGroup:
 
     @classmethod
     def launch(cls, count: int, image_path: str, *, writing: bool, direct_io: bool,
-               sources: list[BlockSource], pages_offsets: list[int]) -> "ChannelGroup":
+               sources: list[BlockSource], pages_offsets: list[int],
+               hashing: bool = False) -> ChannelGroup:
         """Create the control segment, start ``count`` channels on it and
-        wait until all have attached; the segment's name is gone on return."""
-        layout = ControlLayout(count, tuple(s.length // 4096 for s in sources))
+        wait until all have attached; the segment's name is gone on return.
+        ``hashing``: the channels run the hash tracker (tracking/hashing.py)."""
+        layout = ControlLayout(count, tuple(s.length // 4096 for s in sources), hashing)
         control = ControlSegment.create(layout)
         try:
             plan = ChannelPlan(image_path, writing, direct_io, tuple(sources),
@@ -85,14 +95,18 @@ class ChannelGroup:
         # needs by path, so it would work the same under spawn.
         context = multiprocess.get_context("fork")
         try:
-            for number in range(self.count):
-                ours, theirs = context.Pipe(duplex=True)
-                process = context.Process(target=channel_process.channel_main, args=(number, theirs, self.plan),
-                                          name=f"parallel-save channel {number}", daemon=True)
-                process.start()
-                theirs.close()
-                self.processes.append(process)
-                self.connections.append(ours)
+            # A Ctrl-C raised inside fork's Python hooks would be swallowed
+            # there ("Exception ignored"), and leave logging's lock taken:
+            # it waits until the channels are forked.
+            with signals_deferred():
+                for number in range(self.count):
+                    ours, theirs = context.Pipe(duplex=True)
+                    process = context.Process(target=_channel, args=(number, theirs, self.plan),
+                                              name=f"parallel-save channel {number}", daemon=True)
+                    process.start()
+                    theirs.close()
+                    self.processes.append(process)
+                    self.connections.append(ours)
             self._wait_all("ready", None)
         except BaseException:
             self.stop(force=True)

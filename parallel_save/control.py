@@ -8,7 +8,11 @@ It holds, for a save or restore with N channels over blocks of P pages:
 - ``file_bitmaps[N, bitmap bytes]``: each channel's own view of which pages
   it left in the file (set) or found zero (clear);
 - ``pass_bitmap[bitmap bytes]``: written by the coordinator before a pass:
-  the dirty pages of a save pass, or the present pages of a restore.
+  the dirty pages of a save pass, or the present pages of a restore;
+- with the hash tracker only (tracking/hashing.py): ``hash_keys[2, 1024]``
+  (uint64), drawn by the coordinator for this save, and
+  ``page_hashes[pages, 2]`` (uint64, every block's pages end to end): the
+  hash of what the file holds for each page, kept by the page's channel.
 
 Bitmaps are packed little-endian bits, each block's at its own 8-byte
 aligned base, exactly QEMU's on-disk words, so merging them and writing
@@ -49,7 +53,12 @@ PAGES_ZEROED = 5     # restore: clear pages zeroed in the destination
 PAGES_DONE = 6       # pages handled so far (dirty pages of a save, all of a restore)
 BUSY_NS = 7          # time spent working on shards
 SHARDS_DONE = 8
-COUNTERS = 9
+UNCHANGED_PAGES = 9  # hash tracker: dirty pages skipped, their hash unchanged
+COUNTERS = 10
+
+# The hash tracker's page hash: lanes of 64 bits over 32-bit words.
+HASH_LANES = 2
+HASH_WORDS = 1024
 
 SEGMENT_DIR = "/dev/shm"
 
@@ -60,6 +69,7 @@ class ControlLayout:
 
     channels: int
     block_pages: tuple[int, ...]
+    hashing: bool = False
 
     @property
     def bitmap_bases(self) -> tuple[int, ...]:
@@ -87,9 +97,23 @@ class ControlLayout:
         return sum(-(-p // CHUNK_PAGES) for p in self.block_pages)
 
     @property
+    def page_bases(self) -> tuple[int, ...]:
+        """Index of each block's first page in ``page_hashes``."""
+        bases, count = [], 0
+        for pages in self.block_pages:
+            bases.append(count)
+            count += pages
+        return tuple(bases)
+
+    @property
+    def hashes_offset(self) -> int:
+        return self.channels * COUNTERS * 8 + (self.channels + 1) * self.bitmap_bytes
+
+    @property
     def size(self) -> int:
-        counters = self.channels * COUNTERS * 8
-        return counters + (self.channels + 1) * self.bitmap_bytes
+        if not self.hashing:
+            return self.hashes_offset
+        return self.hashes_offset + (HASH_WORDS + sum(self.block_pages)) * HASH_LANES * 8
 
 
 class ControlSegment:
@@ -106,6 +130,15 @@ class ControlSegment:
                                           counters_size).reshape(n, width)
         self.pass_bitmap = np.frombuffer(mapping, np.uint8, width,
                                          counters_size + n * width)
+        self.hash_keys = self.page_hashes = None
+        if layout.hashing:
+            keys = layout.hashes_offset
+            self.hash_keys = np.frombuffer(mapping, np.uint64, HASH_LANES * HASH_WORDS,
+                                           keys).reshape(HASH_LANES, HASH_WORDS)
+            pages = sum(layout.block_pages)
+            self.page_hashes = np.frombuffer(
+                mapping, np.uint64, pages * HASH_LANES,
+                keys + HASH_LANES * HASH_WORDS * 8).reshape(pages, HASH_LANES)
 
     @classmethod
     def create(cls, layout: ControlLayout) -> "ControlSegment":

@@ -33,18 +33,31 @@ import numpy as np
 from . import __version__
 from .blocks import RamBlock
 from .channels import ChannelGroup, deal_chunks
-from .control import BYTES_WRITTEN, CHUNK_PAGES, PAGES_DONE, PAGES_WRITTEN, ZERO_PAGES
+from .control import (
+    BYTES_WRITTEN,
+    CHUNK_PAGES,
+    PAGES_DONE,
+    PAGES_WRITTEN,
+    UNCHANGED_PAGES,
+    ZERO_PAGES,
+)
 from .directio import check_direct_io
 from .errors import BlockError, SaveStateError
 from .format import encode_setup, encode_tail, plan_layout
 from .signals import signals_deferred
 from .stats import ChannelStats, PassStats, SaveStats, StatusBoard
+from .tracking import DirtyTracker, count_dirty, merge_dirty
+from .tracking.hashing import draw_keys
 
 MAX_CHANNELS = 64
 
 # progress(phase, pages handled in this pass, pages to handle in this pass)
 ProgressCallback = Callable[[str, int, int], None]
-DirtySet = Mapping[str, Any] | None
+DirtySet = Mapping[str, Any] | DirtyTracker | None
+TRACKERS = (None, "hash")
+# Saver.run's default: stop iterating once at most this share of the pages
+# is dirty.
+DIRTY_FRACTION_LIMIT = 0.01
 
 
 def check_channels(channels: int) -> int:
@@ -110,10 +123,15 @@ class Saver:
             saver.complete(dirty={...})      # last pass, then bitmaps, END, EOF
 
     ``dirty`` maps block names to bool arrays (True = the page changed);
-    ``None`` means every page.  ``sync=False`` skips fdatasync (QEMU does not
-    sync either; use it to compare).  ``start`` places the stream at a byte
-    offset inside an existing file (QEMU's ``file:PATH,offset=N``); bytes
-    before it are left alone.
+    ``None`` means every page; a tracker (:class:`DirtyLog`,
+    :class:`UffdTracker`) means what it collects now.  ``tracker="hash"``
+    makes every pass hash the pages it looks at and write only those whose
+    hash changed since the file got them (no cooperation from writers:
+    tracking/hashing.py).  :meth:`run` does a whole live save.
+    ``sync=False`` skips fdatasync (QEMU does not sync either; use it to
+    compare).  ``start`` places the stream at a byte offset inside an
+    existing file (QEMU's ``file:PATH,offset=N``); bytes before it are left
+    alone.
 
     Unless ``in_place`` (or ``start``) is given, the save writes a hidden
     temporary file beside ``path`` and renames it over ``path`` once
@@ -139,7 +157,11 @@ class Saver:
                  start: int = 0, in_place: bool = False,
                  status_board: str | bool | None = None,
                  on_progress: ProgressCallback | None = None,
-                 description: Mapping[str, Any] | None = None) -> None:
+                 description: Mapping[str, Any] | None = None,
+                 tracker: str | None = None) -> None:
+        if tracker not in TRACKERS:
+            raise ValueError(f"tracker must be one of {TRACKERS}, not {tracker!r}")
+        self.tracker = tracker
         self.path = os.fspath(path)
         self.blocks = check_blocks(blocks)
         self.channels = check_channels(channels)
@@ -154,6 +176,8 @@ class Saver:
         self.stats = SaveStats(self.path, self.channels, self.direct_io, self.sync)
         self.state = "new"
         self.write_path = self.path
+        # The file that a complete save renames its partial file over.
+        self._replacing: str | None = None
         self._fd: int | None = None
         self._group: ChannelGroup | None = None
         self._board: StatusBoard | None = None
@@ -186,7 +210,10 @@ class Saver:
         self._group = ChannelGroup.launch(
             self.channels, self.write_path, writing=True, direct_io=self.direct_io,
             sources=[b.source for b in self.blocks],
-            pages_offsets=[b.pages_offset for b in self.layout.blocks])
+            pages_offsets=[b.pages_offset for b in self.layout.blocks],
+            hashing=self.tracker == "hash")
+        if self.tracker == "hash":
+            self._group.control.hash_keys[:] = draw_keys()
         self.stats.phases["setup"] = time.perf_counter() - started
         self.state = "setup"
         self._publish()
@@ -195,7 +222,7 @@ class Saver:
         """One pass: write the dirty pages (all pages when ``dirty`` is None)
         at their fixed offsets, clear the bits of those found zero."""
         self._expect(("setup", "iterate"), "iterate")
-        pages = self._check_dirty(dirty)
+        pages = self._check_dirty(self._collected(dirty, final=False))
         self.state = "failed"  # until the pass returns
         started = time.perf_counter()
         result = self._pass("iterate", pages)
@@ -207,7 +234,7 @@ class Saver:
     def complete(self, dirty: DirtySet = None) -> SaveStats:
         """The last pass, then bitmaps, END, EOF; the image is then valid."""
         self._expect(("setup", "iterate"), "complete")
-        pages = self._check_dirty(dirty)
+        pages = self._check_dirty(self._collected(dirty, final=True))
         self.state = "failed"
         started = time.perf_counter()
         self._pass("complete", pages)
@@ -228,15 +255,15 @@ class Saver:
         # Renamed and completed, or neither: a Ctrl-C in between would have
         # close() cut back a file that is already in place.
         with signals_deferred():
-            renamed = self.write_path != self.path
+            renamed = self._replacing
             if renamed:
-                os.rename(self.write_path, self.path)
-                self.write_path = self.path
+                os.rename(self.write_path, renamed)
+                self.write_path, self._replacing = renamed, None
             self.stats.status = "completed"
             self.state = "completed"
         try:
             if renamed and self.sync:
-                _fsync_directory(self.path)
+                _fsync_directory(renamed)
             self.stats.phases["complete"] = time.perf_counter() - started
             self._publish()
         finally:
@@ -290,10 +317,13 @@ class Saver:
             # Drop any older stream here, so that a failure leaves no stale END.
             self._on_file(os.ftruncate, self.layout.start)
         else:
-            directory, name = os.path.split(os.path.abspath(self.path))
+            # Beside the file the path leads to, so that the rename is atomic
+            # and a symbolic link keeps pointing at the image.
+            target = os.path.realpath(self.path)
+            directory, name = os.path.split(target)
             partial = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:8]}.partial")
             self._fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            self.write_path = partial
+            self.write_path, self._replacing = partial, target
 
     def _write_setup(self) -> None:
         for offset, data in encode_setup(self.layout):
@@ -306,24 +336,24 @@ class Saver:
         ``path`` to say that a save was tried and failed.  What cannot be
         cleaned up is reported with a warning, never raised over the error
         that made the save fail."""
-        partial = self.write_path != self.path
+        target = self._replacing
         try:
             self._on_file(os.ftruncate, self.layout.start)
             self._write_setup()
             reset = True
         except OSError as error:
             reset = False
-            if not partial:
+            if target is None:
                 warnings.warn(f"{self.path}: the failed save could not cut the file "
                               f"back to an empty image: {error}", RuntimeWarning,
                               stacklevel=3)
-        if not partial:
+        if target is None:
             return
         try:
             # Renamed only when sure to read as incomplete: the reset may
             # have failed after complete wrote END.
-            if reset and not os.path.exists(self.path):
-                os.rename(self.write_path, self.path)
+            if reset and not os.path.lexists(target):
+                os.rename(self.write_path, target)
             else:
                 os.unlink(self.write_path)
         except FileNotFoundError:
@@ -331,7 +361,7 @@ class Saver:
         except OSError as error:
             warnings.warn(f"{self.write_path}: the failed save's partial file could "
                           f"not be removed: {error}", RuntimeWarning, stacklevel=3)
-        self.write_path = self.path
+        self.write_path, self._replacing = target, None
 
     def _on_file(self, call: Callable[..., Any], *args: Any) -> Any:
         """``call(fd, *args)`` on the image file; its error names the file,
@@ -346,6 +376,20 @@ class Saver:
         while view:
             written = self._on_file(os.pwrite, view, offset)
             view, offset = view[written:], offset + written
+
+    def _check_tracker(self, tracker: DirtyTracker) -> None:
+        expected = {b.name: b.pages for b in self.blocks}
+        if tracker.block_pages != expected:
+            raise BlockError(f"the tracker follows blocks {tracker.block_pages} (name: "
+                             f"pages), the save has {expected}")
+
+    def _collected(self, dirty: DirtySet, final: bool) -> Mapping[str, Any] | None:
+        """A tracker's dirty set, collected now; checked first, because a
+        collected set that were then refused would lose its marks."""
+        if not isinstance(dirty, DirtyTracker):
+            return dirty
+        self._check_tracker(dirty)
+        return dirty.collect(final=final)
 
     def _check_dirty(self, dirty: DirtySet) -> list[np.ndarray | None]:
         """Each block's dirty pages (None: none), or a :class:`BlockError`
@@ -419,7 +463,8 @@ class Saver:
         delta = after - before
         result = PassStats(len(self.stats.passes) + 1, dirty_pages,
                            int(delta[PAGES_WRITTEN]), int(delta[ZERO_PAGES]),
-                           int(delta[BYTES_WRITTEN]), time.perf_counter() - started)
+                           int(delta[BYTES_WRITTEN]), time.perf_counter() - started,
+                           int(delta[UNCHANGED_PAGES]))
         self.stats.passes.append(result)
         self.stats.channel_stats = [ChannelStats.from_row(i, row)
                                     for i, row in enumerate(counters)]
@@ -452,6 +497,59 @@ class Saver:
                             zero_pages=self.stats.zero_pages,
                             bytes_written=self.stats.bytes_written,
                             phases=dict(self.stats.phases), channels=channels, **extra)
+
+    # --- live save ---
+
+    def run(self, tracker: DirtyTracker | None = None, *, max_passes: int = 10,
+            dirty_pages_limit: int | None = None,
+            stop_writers: Callable[[], None] | None = None) -> SaveStats:
+        """A whole live save, the way QEMU migrates a running VM: set up
+        (unless done), start ``tracker``, write every page once, then pass
+        over the dirty pages until at most ``dirty_pages_limit`` are left
+        (default: 1 % of the pages; -1: never, always run ``max_passes``) or
+        ``max_passes`` passes (the full one included) have run; then call
+        ``stop_writers``, after which nothing may write to the blocks (like
+        stopping the VM), and complete with the pages dirtied since the last
+        pass.  Returns the save's stats;
+        ``stats.passes`` has each pass's dirty pages and seconds.
+
+        ``tracker`` is a :class:`DirtyLog` or an :class:`UffdTracker`; or
+        None with ``Saver(..., tracker="hash")``, where every pass looks at
+        every page and the count that must fall under the limit is the
+        pages the last pass found changed.
+        """
+        if tracker is None and self.tracker != "hash":
+            raise ValueError("run needs a tracker (a DirtyLog or an UffdTracker), or a "
+                             "Saver made with tracker='hash'")
+        if not isinstance(max_passes, int) or max_passes < 1:
+            raise ValueError(f"max_passes must be a whole number of at least 1, "
+                             f"not {max_passes!r}")
+        if dirty_pages_limit is None:
+            dirty_pages_limit = int(sum(b.pages for b in self.blocks) * DIRTY_FRACTION_LIMIT)
+        if tracker is not None:
+            self._check_tracker(tracker)
+        if self.state == "new":
+            self.setup()
+        if tracker is not None:
+            tracker.start()
+        result = self.iterate()
+        collected = None  # dirty pages collected but not saved yet
+        for _ in range(max_passes - 1):
+            if tracker is None:
+                dirty_pages = result.dirty_pages - result.pages_unchanged
+            else:
+                collected = tracker.collect()
+                dirty_pages = count_dirty(collected)
+            if dirty_pages <= dirty_pages_limit:
+                break
+            result = self.iterate(collected)
+            collected = None
+        if stop_writers is not None:
+            stop_writers()
+        if tracker is None:
+            return self.complete()
+        last = tracker.collect(final=True)
+        return self.complete(last if collected is None else merge_dirty(collected, last))
 
 
 def save(path: str | os.PathLike, blocks: Sequence[RamBlock], channels: int = 4,

@@ -42,7 +42,9 @@ class ChannelStats:
 
 @dataclass(frozen=True)
 class PassStats:
-    """One pass over the dirty pages (iterate or complete)."""
+    """One pass over the dirty pages (iterate or complete).  With the hash
+    tracker, ``dirty_pages`` are the pages looked at, and ``pages_unchanged``
+    those of them skipped because their hash had not changed."""
 
     number: int
     dirty_pages: int
@@ -50,6 +52,7 @@ class PassStats:
     zero_pages: int
     bytes_written: int
     seconds: float
+    pages_unchanged: int = 0
 
     @property
     def throughput(self) -> float:

@@ -31,17 +31,20 @@ from parallel_save.control import (
     BUSY_NS,
     BYTES_WRITTEN,
     CHUNK_PAGES,
+    HASH_LANES,
     PAGES_DONE,
     PAGES_READ,
     PAGES_WRITTEN,
     PAGES_ZEROED,
     SHARDS_DONE,
+    UNCHANGED_PAGES,
     WRITE_CALLS,
     ZERO_PAGES,
     ChannelPlan,
     ControlSegment,
 )
 from parallel_save.format import PAGE_SIZE
+from parallel_save.tracking.hashing import PageHasher
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 _PR_SET_PDEATHSIG = 1
@@ -71,6 +74,9 @@ MAX_SPAN_PAGES = 2048
 MAX_POPULATE_RUNS = 64
 # Zero detection reduces up to this many runs of a window in place.
 MAX_SLICED_RUNS = 16
+# With the hash tracker, windows of 4 MiB: each is copied to private
+# memory, and hashing dwarfs the per-window numpy calls anyway.
+HASH_WINDOW_PAGES = 2 * CHUNK_PAGES
 
 
 def nonzero_pages(words: np.ndarray, pages: np.ndarray,
@@ -152,6 +158,17 @@ class Channel:
         self.chunk_bases = np.asarray(plan.control.chunk_bases)
         self.block_pages = plan.control.block_pages
         self.bitmap_bases = plan.control.bitmap_bases
+        self.window_pages = WINDOW_PAGES
+        self.hasher = None
+        if plan.control.hashing:
+            self.hasher = PageHasher(self.control.hash_keys)
+            self.window_pages = HASH_WINDOW_PAGES
+            self.page_bases = plan.control.page_bases
+            # Page-aligned (an anonymous mapping), for O_DIRECT writes.
+            self.copy_mapping = mmap.mmap(-1, HASH_WINDOW_PAGES * PAGE_SIZE)
+            self.copy = np.frombuffer(self.copy_mapping, np.uint64).reshape(
+                HASH_WINDOW_PAGES, _WORDS_PER_PAGE)
+            self.hashes = np.empty((HASH_WINDOW_PAGES, HASH_LANES), dtype=np.uint64)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -162,15 +179,15 @@ class Channel:
         window's pages that belong to these chunks."""
         blocks = np.searchsorted(self.chunk_bases, chunks, side="right") - 1
         local = chunks - self.chunk_bases[blocks]
-        per_window = WINDOW_PAGES // CHUNK_PAGES
+        per_window = self.window_pages // CHUNK_PAGES
         keys = blocks.astype(np.int64) << 32 | local // per_window
         bounds = np.flatnonzero(np.diff(keys)) + 1
         for group in np.split(np.arange(chunks.size), bounds):
             if not group.size:
                 continue
             block = int(blocks[group[0]])
-            first = int(local[group[0]] // per_window) * WINDOW_PAGES
-            end = min(first + WINDOW_PAGES, self.block_pages[block])
+            first = int(local[group[0]] // per_window) * self.window_pages
+            end = min(first + self.window_pages, self.block_pages[block])
             own_chunks = np.zeros(per_window, dtype=bool)
             own_chunks[local[group] % per_window] = True
             own = np.repeat(own_chunks, CHUNK_PAGES)[:end - first]
@@ -212,6 +229,12 @@ class Channel:
             dirty_runs = page_runs(dirty_pages)
             self._populate(block, first, *dirty_runs, write=False)
             words = self.words[block][first:end]
+            unchanged = 0
+            if self.hasher is not None:
+                words, dirty, changed = self._changed_pages(block, first, words, dirty_pages,
+                                                            dirty_runs)
+                unchanged = dirty_pages.size - changed.size
+                dirty_pages, dirty_runs = changed, page_runs(changed)
             written = dirty_pages[nonzero_pages(words, dirty_pages, dirty_runs)]
             # This channel always handles these chunks, so its bits here are
             # the latest: written pages set, dirty pages found zero cleared.
@@ -232,9 +255,43 @@ class Channel:
             row[ZERO_PAGES] += dirty_pages.size - written.size
             row[BYTES_WRITTEN] += nbytes
             row[WRITE_CALLS] += starts.size
-            row[PAGES_DONE] += dirty_pages.size
+            row[UNCHANGED_PAGES] += unchanged
+            row[PAGES_DONE] += dirty_pages.size + unchanged
             row[SHARDS_DONE] += 1
             row[BUSY_NS] += time.perf_counter_ns() - started
+
+    def _changed_pages(self, block: int, first: int, words: np.ndarray, dirty_pages: np.ndarray,
+                       dirty_runs: tuple[np.ndarray, np.ndarray]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The hash tracker's step: which dirty pages of a window changed
+        since the file last got them.  Returns a private copy of the window
+        holding those pages, their mask and their numbers.
+
+        Memory may change at any moment, so each page is read once, into
+        private memory, and the hash, the zero check and the write all use
+        that copy: the stored hash is always the hash of what the file holds
+        (or of zeros, where its bit is clear).  A page torn by a concurrent
+        writer is saved torn, and hashes differently from memory at the next
+        pass, which saves it again."""
+        copy, hashes = self.copy[:words.shape[0]], self.hashes[:words.shape[0]]
+        if len(dirty_runs[0]) <= MAX_SLICED_RUNS:
+            # A few long runs: slices are plain memcpy (fancy indexing of
+            # whole pages costs four times as much).
+            for start, end in zip(dirty_runs[0].tolist(), dirty_runs[1].tolist()):
+                copy[start:end] = words[start:end]
+                self.hasher.hash_into(copy[start:end], hashes[start:end])
+        else:
+            gathered = words[dirty_pages]
+            copy[dirty_pages] = gathered
+            hashes[dirty_pages] = self.hasher.hash(gathered)
+        new = hashes[dirty_pages]
+        index = self.page_bases[block] + first + dirty_pages
+        rows = np.flatnonzero((new != self.control.page_hashes[index]).any(axis=1))
+        self.control.page_hashes[index[rows]] = new[rows]
+        changed = dirty_pages[rows]
+        mask = np.zeros(words.shape[0], dtype=bool)
+        mask[changed] = True
+        return copy, mask, changed
 
     def _spans_io(self, io, verb: str, words: np.ndarray, starts: list[int],
                   ends: list[int], base: int) -> int:

@@ -1,0 +1,238 @@
+"""The engine's invariants (DESIGN.md): exact round trips however the
+pages change between passes, bitmaps that say exactly which pages are
+non-zero, a sparse file that does not grow with the passes, no page bytes
+through the pipes, nothing left behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import multiprocess
+import numpy as np
+import pytest
+
+import parallel_save as ps
+from parallel_save.format import PAGE_SIZE
+
+# Block sizes in pages: one page, less than a chunk (512 pages), a chunk and
+# one page, and several chunks that do not end on a chunk boundary.
+BLOCK_PAGES = {"tiny": 1, "small": 300, "odd": 513, "large": 1100}
+# Bytes a file may allocate beyond its pages: each block's record and bitmap
+# (a few file system blocks each) and the tail.
+HEADER_MARGIN = 64 << 10
+# SECTION_PART: u8 type, be32 section id, be64 EOS, u8 footer, be32 id.
+SECTION_PART_SIZE = 18
+
+
+def open_fds() -> set[str]:
+    """This process's open file descriptors, by number, once the garbage of
+    earlier tests (which may hold some) is collected.  A test compares
+    with ``<=``: what it opened is closed again."""
+    gc.collect()
+    return set(os.listdir("/proc/self/fd"))
+
+
+def channel_processes() -> list:
+    return [p for p in multiprocess.active_children()
+            if p.name.startswith("parallel-save channel")]
+
+
+def nonzero_pages(block: ps.RamBlock) -> np.ndarray:
+    return block.array.reshape(-1, PAGE_SIZE).any(axis=1)
+
+
+def make_blocks(shm, seed: int) -> list[ps.RamBlock]:
+    return [shm.block(name, pages, fill=0.4, seed=seed + i)
+            for i, (name, pages) in enumerate(BLOCK_PAGES.items())]
+
+
+def mutate(block: ps.RamBlock, rng: np.random.Generator) -> np.ndarray:
+    """Change a random tenth of the block's pages the way memory changes:
+    some turn zero, some turn non-zero, some get new bytes; returns the
+    dirty set, which also holds pages that were touched but not changed."""
+    pages = block.array.reshape(-1, PAGE_SIZE)
+    dirty = rng.random(block.pages) < 0.1
+    chosen = np.flatnonzero(dirty)
+    kind = rng.integers(0, 3, size=chosen.size)
+    pages[chosen[kind == 0]] = 0
+    fresh = chosen[kind == 1]
+    data = rng.integers(0, 256, size=(fresh.size, PAGE_SIZE), dtype=np.uint8)
+    data[:, 0] |= 1
+    pages[fresh] = data
+    return dirty  # kind 2: touched, unchanged
+
+
+def save_with_passes(path, blocks: list[ps.RamBlock], passes: int, seed: int,
+                     **options) -> ps.SaveStats:
+    """setup, a full first pass, ``passes - 1`` passes over random changes,
+    complete over the last changes."""
+    rng = np.random.default_rng(seed)
+    with ps.Saver(path, blocks, **options) as saver:
+        saver.setup()
+        saver.iterate()
+        for _ in range(passes - 1):
+            saver.iterate({b.name: mutate(b, rng) for b in blocks})
+        return saver.complete({b.name: mutate(b, rng) for b in blocks})
+
+
+def assert_restores_exactly(path, blocks: list[ps.RamBlock], shm, channels: int,
+                            **options) -> None:
+    targets = [shm.block(b.name, b.pages, fill="garbage", seed=7) for b in blocks]
+    ps.restore(path, targets, channels=channels, **options)
+    for source, target in zip(blocks, targets):
+        assert np.array_equal(target.array, source.array), source.name
+
+
+@pytest.mark.parametrize("channels", range(1, 9))
+def test_round_trip_is_exact_after_random_passes(shm, tmp_path, channels):
+    blocks = make_blocks(shm, seed=channels)
+    path = tmp_path / "vm.img"
+    save_with_passes(path, blocks, passes=6, seed=channels, channels=channels)
+    assert_restores_exactly(path, blocks, shm, channels=9 - channels)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 8])
+def test_round_trip_is_exact_with_direct_io(shm, tmp_path, channels):
+    blocks = make_blocks(shm, seed=10 + channels)
+    path = tmp_path / "vm.img"  # tmp_path is on a disk file system (ext4 here)
+    save_with_passes(path, blocks, passes=6, seed=channels, channels=channels,
+                     direct_io=True)
+    assert_restores_exactly(path, blocks, shm, channels=channels, direct_io=True)
+
+
+@pytest.mark.parametrize("direct_io", [False, True])
+def test_final_bitmap_is_set_exactly_for_nonzero_pages(shm, tmp_path, direct_io):
+    blocks = make_blocks(shm, seed=20)
+    path = tmp_path / "vm.img"
+    save_with_passes(path, blocks, passes=8, seed=20, channels=3, direct_io=direct_io)
+    with ps.open_image(path) as image:
+        for block in blocks:
+            assert np.array_equal(image.blocks[block.name].bitmap, nonzero_pages(block))
+
+
+def test_page_written_then_zero_ends_clear_in_the_bitmap(shm, tmp_path):
+    block = shm.block("ram0", 2048, fill=0.0, seed=1)  # every page non-zero
+    pages = block.array.reshape(-1, PAGE_SIZE)
+    path = tmp_path / "vm.img"
+    turned_zero = np.zeros(block.pages, dtype=bool)
+    turned_zero[[0, 511, 512, 1500, 2047]] = True
+    with ps.Saver(path, [block], channels=3) as saver:
+        saver.setup()
+        saver.iterate()                                # pass 1: written
+        saver.iterate({"ram0": np.zeros(block.pages, dtype=bool)})
+        pages[turned_zero] = 0
+        saver.complete({"ram0": turned_zero})          # pass 3: found zero
+    with ps.open_image(path) as image:
+        assert np.array_equal(image.blocks["ram0"].bitmap, ~turned_zero)
+    assert_restores_exactly(path, [block], shm, channels=2)
+
+
+def test_restore_into_garbage_zeroes_the_clear_pages(shm, tmp_path):
+    block = shm.block("ram0", 1024, fill=0.9, seed=3)
+    path = tmp_path / "vm.img"
+    ps.save(path, [block], channels=2)
+    assert_restores_exactly(path, [block], shm, channels=4)
+
+
+def test_file_is_sparse(shm, tmp_path):
+    block = shm.block("ram0", 4096, fill=0.75, seed=4)
+    path = tmp_path / "vm.img"
+    ps.save(path, [block], channels=4)
+    data_bytes = int(nonzero_pages(block).sum()) * PAGE_SIZE
+    allocated = os.stat(path).st_blocks * 512
+    assert data_bytes <= allocated <= data_bytes + HEADER_MARGIN
+    assert os.stat(path).st_size > block.length  # the holes are inside the file
+
+
+def test_file_size_does_not_grow_with_passes(shm, tmp_path):
+    sizes = {}
+    for passes in (1, 20):
+        blocks = make_blocks(shm, seed=5)
+        path = tmp_path / f"{passes}.img"
+        save_with_passes(path, blocks, passes=passes, seed=5, channels=4)
+        with ps.open_image(path) as image:
+            assert image.info.passes == passes
+        sizes[passes] = os.stat(path)
+    ram = sum(pages * PAGE_SIZE for pages in BLOCK_PAGES.values())
+    grown = sizes[20].st_size - sizes[1].st_size
+    # One SECTION_PART per extra pass, and a digit more in the description.
+    assert 19 * SECTION_PART_SIZE <= grown <= 19 * SECTION_PART_SIZE + 8
+    assert sizes[20].st_blocks * 512 <= ram + HEADER_MARGIN
+
+
+def test_page_bytes_never_cross_a_pipe(shm, tmp_path):
+    control = {}
+    for pages in (1024, 16384):  # 4 MiB and 64 MiB of non-zero pages
+        block = shm.block("ram0", pages)
+        block.array[:] = 0x5A
+        stats = ps.save(tmp_path / f"{pages}.img", [block], channels=4, sync=False)
+        assert stats.bytes_written == block.length
+        target = shm.block("ram0", pages)
+        restored = ps.restore(tmp_path / f"{pages}.img", [target], channels=4)
+        assert restored.bytes_read == block.length
+        control[pages] = (stats.control_bytes, restored.control_bytes)
+    for save_bytes, restore_bytes in control.values():
+        assert 0 < save_bytes < 64 << 10 and 0 < restore_bytes < 64 << 10
+    # 60 MiB more adds 30 chunk numbers (4 bytes each) to the messages.
+    assert control[16384][0] - control[1024][0] < 1024
+    assert control[16384][1] - control[1024][1] < 1024
+
+
+def test_close_leaves_no_process_segment_or_fd(shm, tmp_path):
+    block = shm.block("ram0", 1024, fill=0.5)
+    before = open_fds()
+    saver = ps.Saver(tmp_path / "vm.img", [block], channels=4)
+    saver.setup()
+    saver.iterate()
+    assert len(channel_processes()) == 4
+    saver.close()
+    assert channel_processes() == []
+    assert open_fds() <= before
+    # conftest's autouse fixture checks the control segment
+
+
+def test_exception_mid_pass_leaves_no_process_or_fd(shm, tmp_path):
+    block = shm.block("ram0", 1024, fill=0.5)
+    before = open_fds()
+
+    def fail(*progress):
+        raise RuntimeError("the caller's progress callback failed")
+
+    with (pytest.raises(RuntimeError, match="progress callback failed"),
+          ps.Saver(tmp_path / "vm.img", [block], channels=4, on_progress=fail) as saver):
+        saver.setup()
+        saver.iterate()
+    assert channel_processes() == []
+    assert open_fds() <= before
+    with pytest.raises(ps.IncompleteImageError):
+        ps.open_image(tmp_path / "vm.img")
+
+
+def test_keyboard_interrupt_mid_pass_leaves_no_process_or_fd(shm, tmp_path):
+    # What Ctrl-C does to the coordinator while it waits for the channels;
+    # test_faults.py sends the real signal to a separate process.
+    block = shm.block("ram0", 1024, fill=0.5)
+    before = open_fds()
+
+    def interrupt(*progress):
+        raise KeyboardInterrupt
+
+    with (pytest.raises(KeyboardInterrupt),
+          ps.Saver(tmp_path / "vm.img", [block], channels=4, on_progress=interrupt) as saver):
+        saver.setup()
+        saver.iterate()
+    assert channel_processes() == []
+    assert open_fds() <= before
+    with pytest.raises(ps.IncompleteImageError):
+        ps.open_image(tmp_path / "vm.img")
+
+
+def test_restore_leaves_no_process_or_fd(shm, tmp_path):
+    block = shm.block("ram0", 1024, fill=0.5)
+    ps.save(tmp_path / "vm.img", [block], channels=2)
+    target = shm.block("ram0", 1024)
+    before = open_fds()
+    ps.restore(tmp_path / "vm.img", [target], channels=4)
+    assert channel_processes() == []
+    assert open_fds() <= before
