@@ -1,0 +1,225 @@
+"""``python -m bench`` (or ``parallel-save bench``): run every contender,
+round after round, and report medians and the headline ratios.
+
+Contenders alternate within each round (round-robin), so slow drifts of
+the disk or of the machine spread over all of them instead of hitting one
+contender's runs together.  Before every run the file system is synced
+and, unless ``--no-drop-caches``, the page cache is dropped (the image
+itself lives in tmpfs and is never dropped): every contender starts with
+no dirty pages of an earlier run to compete with, and every restore reads
+from the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import parallel_save as ps
+from parallel_save.qemu import qemu_supports_mapped_ram
+
+from . import report
+from .contenders import Contender, RunContext, lineup
+from .probe import BLOCK
+from .workload import BenchError, Workload, build, can_drop_caches, parse_size, settle, size_text
+
+DEFAULT_SIZE = "2G"
+DEFAULT_RUNS = 3
+DEFAULT_CHANNELS = [1, 2, 4, 8]
+QUICK_SIZE = "256M"
+QUICK_RUNS = 1
+QUICK_CHANNELS = [1, 4]
+DIRTY_FRACTIONS = (0.01, 0.1, 0.5)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _channel_list(values: list[str]) -> list[int]:
+    try:
+        channels = sorted({int(v) for value in values for v in value.split(",") if v})
+    except ValueError:
+        raise BenchError(f"--channels takes whole numbers, not {' '.join(values)!r}") from None
+    if not channels or channels[0] < 1:
+        raise BenchError("--channels needs channel counts of at least 1")
+    return channels
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark parallel-save against QEMU's mapped-ram save/load, "
+                    "dd and numpy on one image in shared memory.")
+    parser.add_argument("--size", help=f"image size, e.g. 256M, 2G (default {DEFAULT_SIZE}; "
+                                       f"{QUICK_SIZE} with --quick)")
+    parser.add_argument("--zero-fraction", type=float, default=0.5,
+                        help="fraction of the image's pages that are zero (default 0.5)")
+    parser.add_argument("--channels", nargs="+", metavar="N",
+                        help="channel counts, e.g. 1 2 4 8 or 1,2,4,8 (default "
+                             f"{','.join(map(str, DEFAULT_CHANNELS))}; "
+                             f"{','.join(map(str, QUICK_CHANNELS))} with --quick)")
+    parser.add_argument("--runs", type=int,
+                        help=f"rounds; medians are over them (default {DEFAULT_RUNS}; "
+                             f"{QUICK_RUNS} with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a quick look: a small image, one round, only the contenders "
+                             "the targets need, plus numpy")
+    parser.add_argument("--no-qemu", action="store_true", help="leave QEMU out")
+    parser.add_argument("--only", nargs="+", metavar="GLOB",
+                        help="keep contenders whose name matches one of these shell "
+                             "patterns, e.g. 'ps save*' 'qemu multifd' dd (see --list)")
+    parser.add_argument("--list", action="store_true",
+                        help="print the contenders that would run, and exit")
+    parser.add_argument("--no-drop-caches", action="store_true",
+                        help="do not drop the page cache before each run (it is still synced)")
+    parser.add_argument("--outdir", type=Path, default=RESULTS,
+                        help="where the JSON and PNG go (default bench/results/)")
+    parser.add_argument("--workdir", type=Path,
+                        help="parent of the temporary directory the contenders write "
+                             "into (default /var/tmp, on the root disk); removed afterwards")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the image's bytes")
+    args = parser.parse_args(argv)
+    args.size = parse_size(args.size or (QUICK_SIZE if args.quick else DEFAULT_SIZE))
+    args.runs = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
+    if args.runs < 1:
+        raise BenchError("--runs must be at least 1")
+    args.channels = (_channel_list(args.channels) if args.channels
+                     else QUICK_CHANNELS if args.quick else DEFAULT_CHANNELS)
+    return args
+
+
+def _select(contenders: list[Contender], args: argparse.Namespace) -> list[Contender]:
+    if args.quick:
+        contenders = [c for c in contenders if c.core]
+    if args.only:
+        contenders = [c for c in contenders
+                      if any(fnmatch.fnmatchcase(c.name, pattern) for pattern in args.only)]
+    if not contenders:
+        raise BenchError(f"no contender matches --only {' '.join(args.only or [])}")
+    return contenders
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _restore_source(workload: Workload) -> Path:
+    """The image every restore contender reads: written once, by
+    parallel-save, synced (QEMU loads it like its own)."""
+    path = workload.workdir / "restore-source.img"
+    ps.save(path, [ps.RamBlock.from_file(BLOCK, workload.image, writable=False)], channels=4)
+    return path
+
+
+def _run_rounds(workload: Workload, contenders: list[Contender], args: argparse.Namespace,
+                drop_caches: bool) -> list[dict[str, Any]]:
+    restore_source = (_restore_source(workload) if any(c.side == "restore" for c in contenders)
+                      else None)
+    records = []
+    for round_ in range(args.runs):
+        context = RunContext(workload, restore_source, DIRTY_FRACTIONS, round_)
+        for contender in contenders:
+            settle(drop_caches)
+            base = {"round": round_, "side": contender.side, "channels": contender.channels,
+                    "reference": contender.reference}
+            try:
+                results = contender.run(context)
+            # A benchmark of many minutes keeps going past one failing
+            # contender; its error is reported in the table and the JSON.
+            except Exception as error:  # noqa: BLE001
+                results = {contender.name: {"error": f"{type(error).__name__}: {error}"}}
+            for name, measurement in results.items():
+                records.append({**base, "contender": name, **measurement})
+                outcome = (f"{measurement['seconds']:.3f} s" if "seconds" in measurement
+                           else measurement["error"].splitlines()[0])
+                _log(f"round {round_ + 1}/{args.runs}  {name:<26} "
+                     f"ch {report.channels_text(contender.channels):>2}  {outcome}")
+    return records
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    notes = []
+    qemu = not args.no_qemu
+    if qemu and not qemu_supports_mapped_ram():
+        qemu = False
+        notes.append("QEMU skipped: no qemu-system-x86_64 >= 9.0 with mapped-ram on PATH")
+    drop_caches = not args.no_drop_caches
+    if drop_caches and not can_drop_caches():
+        drop_caches = False
+        notes.append("page cache not dropped: /proc/sys/vm/drop_caches is not writable "
+                     "(run as root)")
+    contenders = _select(lineup(args.channels, qemu), args)
+    if args.list:
+        for contender in contenders:
+            print(f"{contender.side:<8} {contender.name:<26} "
+                  f"{report.channels_text(contender.channels)}")
+        return 0
+    if importlib.util.find_spec("matplotlib") is None:
+        # Found out now, not after minutes of runs when the plot is drawn.
+        raise BenchError("the plot needs matplotlib: pip install 'parallel-save[bench]'")
+    notes.append("before every run: sync, then " + (
+        "drop the page cache (echo 3 > /proc/sys/vm/drop_caches)" if drop_caches
+        else "the page cache is NOT dropped"))
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    _log(f"building a {size_text(args.size)} image, {args.zero_fraction:.0%} zero pages")
+    workload = build(args.size, args.zero_fraction, args.workdir, args.seed)
+    try:
+        machine = report.machine(workload.workdir)
+        _log(f"image {workload.image}, files in {workload.workdir} "
+             f"({machine['workdir_fs']['type']}); {len(contenders)} contenders x "
+             f"{args.runs} rounds")
+        records = _run_rounds(workload, contenders, args, drop_caches)
+    finally:
+        workload.close()
+    rows = report.summarise(records, args.size)
+    targets = report.target_rows(records)
+    stem = args.outdir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    document = {
+        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "argv": argv,
+        "machine": machine,
+        "config": {"size": args.size, "zero_fraction": args.zero_fraction,
+                   "channels": args.channels, "runs": args.runs, "quick": args.quick,
+                   "qemu": qemu, "drop_caches": drop_caches, "only": args.only,
+                   "seed": args.seed, "dirty_fractions": list(DIRTY_FRACTIONS),
+                   "image_path": str(workload.image), "workdir": str(workload.workdir),
+                   "restore": "into fresh all-zero shared memory; parallel-save with "
+                              "assume_zero=True (QEMU's own assumption)",
+                   "timing": "parallel-save/numpy: inside a fresh process, call to return; "
+                             "QEMU save: its total-time (wall_seconds beside it); "
+                             "QEMU load: wall time; dd: wall time"},
+        "image": {"bytes": args.size, "pages": workload.pages,
+                  "nonzero_pages": workload.nonzero_pages},
+        "notes": notes, "runs": records, "summary": rows, "targets": targets,
+    }
+    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
+    report.write_json(json_path, document)
+    report.plot(rows, png_path, (
+        f"{size_text(args.size)} image, {args.zero_fraction:.0%} zero, "
+        f"{machine['workdir_fs']['type']} on {machine['workdir_fs']['device']}, "
+        f"{machine['cores']} cores, median of {args.runs}, "
+        f"caches {'dropped' if drop_caches else 'kept'}"))
+    print(report.format_table(rows))
+    print()
+    print(report.format_targets(targets))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        argv = sys.argv[1:] if argv is None else argv
+        return run(parse_args(argv), argv)
+    except BenchError as error:
+        print(f"bench: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
