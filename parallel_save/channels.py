@@ -167,6 +167,12 @@ class ChannelGroup:
         self.stop(force=True)
         raise ChannelError(number, cause)
 
+    def __del__(self) -> None:
+        # Dropped unstopped (a signal between launch and the caller's try):
+        # its channels would outlive it.
+        if getattr(self, "processes", None):
+            self.stop(force=True)
+
     def stop(self, force: bool = False) -> None:
         """Stop every channel: politely (they finish their pass), or at
         once with ``force`` (after a failure, when their work is moot).

@@ -134,8 +134,9 @@ class Saver:
     alone.
 
     Unless ``in_place`` (or ``start``) is given, the save writes a hidden
-    temporary file beside ``path`` and renames it over ``path`` once
-    complete, so a failed save never destroys an older image.  With
+    temporary file beside ``path`` (beside the file it leads to, if it is a
+    symbolic link) and renames it over that file once complete, so a failed
+    save never destroys an older image.  With
     ``in_place`` the file is truncated at setup: a failed save leaves an
     incomplete image there, never a stale complete one.  When there is no
     older image, a failed save leaves an incomplete one at ``path`` too
@@ -149,7 +150,9 @@ class Saver:
     :class:`SaveStateError` for a call out of order, :class:`BlockError` for
     a bad dirty set (refused before anything happens; the saver stays
     usable).  Any other failure leaves the saver ``failed``: only ``close``
-    (or leaving the ``with`` block) remains.
+    (or leaving the ``with`` block) remains.  Ctrl-C stops a save the same
+    way; SIGTERM does too under :func:`parallel_save.signals.terminate_cleanly`
+    (without it, Python dies at once and leaves the hidden partial file).
     """
 
     def __init__(self, path: str | os.PathLike, blocks: Sequence[RamBlock], channels: int = 4,
@@ -190,6 +193,15 @@ class Saver:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        # Unclosed: no ``with``, or a Ctrl-C that struck between the end of
+        # the block and close().  Its channels and partial file would
+        # outlive it.
+        if getattr(self, "state", "closed") not in ("new", "closed"):
+            warnings.warn(f"{self.path}: a Saver dropped without close(); closing it",
+                          ResourceWarning, stacklevel=2)
+            self.close()
 
     # --- phases ---
 
