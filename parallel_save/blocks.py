@@ -149,7 +149,9 @@ class RamBlock:
             if length is not None and size != length:
                 raise BlockError(f"block {name!r}: {path} is {size} bytes, "
                                  f"expected {length}")
-            check_block_length(f"{name}' from '{path}", size)
+            if size <= 0 or size % PAGE_SIZE:
+                raise BlockError(f"block {name!r}: {path} is {size} bytes, not a "
+                                 f"positive multiple of the page size {PAGE_SIZE}")
             access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, access=access)
         finally:

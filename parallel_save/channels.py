@@ -152,20 +152,20 @@ class ChannelGroup:
                     self.bytes_received += len(data)
                     reply = pickle.loads(data)
                     if reply[0] == "error":
-                        self._fail(number, reply[1])
+                        self._fail(number, reply[1], reply[2])
                     if reply[0] != expected:
                         self._fail(number, f"unexpected reply {reply[0]!r}")
                     waiting.discard(number)
                 elif not self.processes[number].is_alive():
                     self._fail(number, None)
 
-    def _fail(self, number: int, cause: str | None):
+    def _fail(self, number: int, cause: str | None, errno: int | None = None):
         process = self.processes[number]
         if cause is None:
             process.join(STOP_GRACE)
             cause = f"the process {_exit_description(process.exitcode)}"
         self.stop(force=True)
-        raise ChannelError(number, cause)
+        raise ChannelError(number, cause, errno)
 
     def __del__(self) -> None:
         # Dropped unstopped (a signal between launch and the caller's try):

@@ -42,21 +42,25 @@ def dio_alignment(path: str) -> tuple[int, int] | None:
     return mem, off
 
 
-def check_direct_io(path: str, writable: bool, option: str = "direct_io") -> None:
+def check_direct_io(path: str, writable: bool, option: str = "direct_io",
+                    shown: str | None = None) -> None:
     """Raise :class:`DirectIOError` unless ``path`` (an existing file) can
-    be opened with O_DIRECT and needs no more than page alignment."""
+    be opened with O_DIRECT and needs no more than page alignment.  The
+    message names ``shown`` (the user's path, when ``path`` is a temporary
+    file beside it)."""
+    name = shown or path
     alignment = dio_alignment(path)
     if alignment is not None:
         mem, off = alignment
         if off == 0:
-            raise DirectIOError(f"{path}: the file system does not support O_DIRECT "
+            raise DirectIOError(f"{name}: the file system does not support O_DIRECT "
                                 f"({option}); save without it")
         if off > PAGE_SIZE or mem > PAGE_SIZE:
-            raise DirectIOError(f"{path}: O_DIRECT needs {max(off, mem)}-byte alignment "
+            raise DirectIOError(f"{name}: O_DIRECT needs {max(off, mem)}-byte alignment "
                                 f"here, parallel-save aligns to {PAGE_SIZE} ({option})")
     try:
         fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_DIRECT)
     except OSError as error:
-        raise DirectIOError(f"{path}: cannot open with O_DIRECT ({option}): "
+        raise DirectIOError(f"{name}: cannot open with O_DIRECT ({option}): "
                             f"{error.strerror}") from None
     os.close(fd)

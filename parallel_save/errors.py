@@ -48,12 +48,14 @@ class ChannelError(ParallelSaveError):
     """A channel (worker process) failed: it raised, or it died.
 
     ``channel`` is the channel number, ``cause`` a one-line description
-    (the worker's exception, or how the process ended).
+    (the worker's exception, or how the process ended), ``errno`` the
+    error number of a failed system call (``errno.ENOSPC``...), else None.
     """
 
-    def __init__(self, channel: int, cause: str) -> None:
+    def __init__(self, channel: int, cause: str, errno: int | None = None) -> None:
         self.channel = channel
         self.cause = cause
+        self.errno = errno
         super().__init__(f"channel {channel} failed: {cause}")
 
 

@@ -42,7 +42,7 @@ from .control import (
     ZERO_PAGES,
 )
 from .directio import check_direct_io
-from .errors import BlockError, SaveStateError
+from .errors import BlockError, DirectIOError, SaveStateError
 from .format import encode_setup, encode_tail, plan_layout
 from .signals import signals_deferred
 from .stats import ChannelStats, PassStats, SaveStats, StatusBoard
@@ -217,8 +217,6 @@ class Saver:
         # The header goes first: from here on a failure leaves an image
         # that reads as incomplete, not an empty file.
         self._write_setup()
-        if self.direct_io:
-            check_direct_io(self.write_path, writable=True)
         self._group = ChannelGroup.launch(
             self.channels, self.write_path, writing=True, direct_io=self.direct_io,
             sources=[b.source for b in self.blocks],
@@ -228,6 +226,7 @@ class Saver:
             self._group.control.hash_keys[:] = draw_keys()
         self.stats.phases["setup"] = time.perf_counter() - started
         self.state = "setup"
+        self.stats.status = "active"
         self._publish()
 
     def iterate(self, dirty: DirtySet = None) -> PassStats:
@@ -257,6 +256,10 @@ class Saver:
         for index, block in enumerate(self.layout.blocks):
             self._pwrite(group.control.block_bits(merged, index).tobytes(),
                          block.bitmap_offset)
+        if self.sync and not self._replacing:
+            # Written in place, the file is never renamed: the bitmaps must
+            # be on disk before the END that makes them count.
+            self._on_file(os.fdatasync)
         self.stats.pages_present = int(np.unpackbits(merged).sum())
         iterate_passes = sum(1 for _ in self.stats.passes) - 1
         tail = encode_tail(self.layout, iterate_passes, self._description(merged))
@@ -326,6 +329,7 @@ class Saver:
     def _open_file(self) -> None:
         if self.in_place:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._check_direct_io()  # before the truncation below destroys anything
             # Drop any older stream here, so that a failure leaves no stale END.
             self._on_file(os.ftruncate, self.layout.start)
         else:
@@ -336,6 +340,22 @@ class Saver:
             partial = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:8]}.partial")
             self._fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             self.write_path, self._replacing = partial, target
+            self._check_direct_io()
+
+    def _check_direct_io(self) -> None:
+        """Refuse O_DIRECT before anything is written: on failure the
+        temporary file goes away and nothing is left at the path."""
+        if not self.direct_io:
+            return
+        try:
+            check_direct_io(self.write_path, writable=True, shown=self.path)
+        except DirectIOError:
+            os.close(self._fd)
+            self._fd = None
+            if self._replacing is not None:
+                os.unlink(self.write_path)
+                self.write_path, self._replacing = self.path, None
+            raise
 
     def _write_setup(self) -> None:
         for offset, data in encode_setup(self.layout):
@@ -480,6 +500,7 @@ class Saver:
         self.stats.passes.append(result)
         self.stats.channel_stats = [ChannelStats.from_row(i, row)
                                     for i, row in enumerate(counters)]
+        self._publish(phase=phase)  # observers see the pass counted at once
         return result
 
     def _description(self, merged: np.ndarray) -> dict[str, Any]:
@@ -503,7 +524,7 @@ class Saver:
         if self._board is None:
             return
         channels = [s.__dict__ for s in self.stats.channel_stats]
-        self._board.publish(status=self.stats.status if self.state != "failed" else "active",
+        self._board.publish(status=self.stats.status,
                             path=self.path, passes=len(self.stats.passes),
                             pages_written=self.stats.pages_written,
                             zero_pages=self.stats.zero_pages,

@@ -132,18 +132,23 @@ class StatusBoard:
     process) read by name; only the coordinator writes it."""
 
     SIZE = 64 * 1024
+    # Boards this process publishes: read_status must not unregister them
+    # from our own resource tracker, which owns them.
+    published: set[str] = set()
 
     def __init__(self, name: str | None = None) -> None:
         from shared_memory_dict import SharedMemoryDict
 
         self.name = name or f"parallel-save-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._board = SharedMemoryDict(name=self.name, size=self.SIZE)
+        StatusBoard.published.add(self.name)
 
     def publish(self, **values: Any) -> None:
         # One update per publish: every operation re-pickles the whole dict.
         self._board.update(values)
 
     def close(self) -> None:
+        StatusBoard.published.discard(self.name)
         segment = self._board.shm
         self._board.cleanup()
         try:
@@ -166,7 +171,8 @@ def read_status(name: str) -> dict[str, Any]:
     # Python < 3.13 registers even an attached segment with this process's
     # resource tracker, which would unlink the board when we exit
     # (CPython gh-82300): an observer must not destroy what it observes.
-    resource_tracker.unregister(board.shm._name, "shared_memory")
+    if name not in StatusBoard.published:
+        resource_tracker.unregister(board.shm._name, "shared_memory")
     try:
         return dict(board)
     finally:

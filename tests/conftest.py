@@ -6,6 +6,7 @@ from __future__ import annotations
 import lzma
 import os
 import shutil
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -95,3 +96,18 @@ def no_leaks():
                 if p.name.startswith("parallel-save channel")]
     assert not children, f"channel processes left behind: {children}"
     assert set(leftover_segments()) <= before, "control segment left in /dev/shm"
+
+
+@pytest.fixture
+def ramfs(tmp_path):
+    """A ramfs mount: a real file system that refuses O_DIRECT."""
+    mount = tmp_path / "ramfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mount)], check=False,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a ramfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -407,21 +407,6 @@ def test_status_of_no_running_save_is_an_error(capsys):
         1, f"no status board named '{name}' (is the save running?)")
 
 
-@pytest.fixture
-def ramfs(tmp_path):
-    """A ramfs mount: a real file system that refuses O_DIRECT."""
-    mount = tmp_path / "ramfs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mount)], check=False,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a ramfs here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_direct_io_on_a_file_system_without_it_is_an_error(capsys, ram, ramfs):
     image = ramfs / "vm.img"
     assert cli(capsys, "save", image, "--block", spec(ram), "--direct-io") == failure(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import uuid
 
 import multiprocess
 import numpy as np
@@ -236,3 +237,17 @@ def test_restore_leaves_no_process_or_fd(shm, tmp_path):
     ps.restore(tmp_path / "vm.img", [target], channels=4)
     assert channel_processes() == []
     assert open_fds() <= before
+
+
+def test_status_board_counts_each_pass_as_it_ends(shm, tmp_path):
+    block = shm.block("ram0", 1024, fill=0.5, seed=3)
+    name = f"ps-test-{uuid.uuid4().hex}"
+    with ps.Saver(tmp_path / "vm.img", [block], channels=2, status_board=name) as saver:
+        saver.setup()
+        first = saver.iterate()
+        board = ps.read_status(name)  # read in the publishing process itself
+        assert (board["status"], board["passes"]) == ("active", 1)
+        assert board["pages_written"] == first.pages_written
+        saver.complete(dirty={})
+    with pytest.raises(FileNotFoundError, match=f"no status board named '{name}'"):
+        ps.read_status(name)

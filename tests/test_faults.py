@@ -365,8 +365,11 @@ def test_disk_full_fails_with_enospc_and_gives_the_space_back(shm, small_tmpfs):
     with ps.Saver(path, [block], channels=2) as saver:
         saver.setup()
         partial = saver.write_path
-        with pytest.raises(ps.ChannelError, match=f"{partial}: No space left on device"):
+        with pytest.raises(ps.ChannelError, match=f"{partial}: No space left on device") \
+                as caught:
             saver.iterate()
+    assert caught.value.errno == errno.ENOSPC
+    del caught  # its traceback holds the control segment's mapping
     assert open_fds() <= before
     assert np.array_equal(block.array, source)
     assert files_in(small_tmpfs) == ["vm.img"]
@@ -709,3 +712,25 @@ def test_bad_dirty_set_is_refused_and_the_save_goes_on(shm, tmp_path, dirty, err
     target = shm.block("ram0", 16, fill="garbage")
     ps.restore(tmp_path / "vm.img", [target], channels=1)
     assert np.array_equal(target.array, block.array)
+
+
+def test_direct_io_refused_by_the_file_system_leaves_no_file(shm, ramfs):
+    image = ramfs / "vm.img"
+    block = shm.block("ram0", 16, fill=0.5)
+    with pytest.raises(ps.DirectIOError) as caught:
+        with ps.Saver(image, [block], channels=2, direct_io=True) as saver:
+            saver.setup()
+    assert str(caught.value) == (f"{image}: cannot open with O_DIRECT (direct_io): "
+                                 f"Invalid argument")
+    assert os.listdir(ramfs) == []
+
+
+def test_direct_io_refused_in_place_keeps_the_old_image(shm, ramfs):
+    image = ramfs / "vm.img"
+    block = shm.block("ram0", 16, fill=0.5)
+    ps.save(image, [block], channels=1)
+    before = image.read_bytes()
+    with pytest.raises(ps.DirectIOError):
+        with ps.Saver(image, [block], channels=1, direct_io=True, in_place=True) as saver:
+            saver.setup()
+    assert image.read_bytes() == before

@@ -11,7 +11,7 @@ Messages (pickled tuples):
     ("save", chunks)               write the dirty pages of these chunks
     ("restore", chunks, zero)      read the present pages, zero the rest if `zero`
     ("stop",)                      close everything and exit
-Replies: ("ready",) once attached, ("done",) per pass, ("error", text).
+Replies: ("ready",) once attached, ("done",) per pass, ("error", text, errno).
 """
 
 from __future__ import annotations
@@ -382,7 +382,8 @@ def channel_main(number: int, conn, plan: ChannelPlan) -> None:
         pass  # the coordinator is gone: nothing to report to
     except BaseException as error:  # noqa: BLE001 -- reported, then the coordinator stops us
         try:
-            conn.send_bytes(pickle.dumps(("error", _describe(error))))
+            conn.send_bytes(pickle.dumps(("error", _describe(error),
+                                         getattr(error, "errno", None))))
         except OSError:
             pass
     finally:
