@@ -13,19 +13,45 @@ QEMU's mapped-ram migration file format.
 
 __version__ = "0.1.0"
 
-from .blocks import RamBlock  # noqa: E402
-from .errors import (BlockError, ChannelError, DirectIOError, FormatError,  # noqa: E402
-                     IncompleteImageError, ParallelSaveError, SaveStateError)
-from .image import BlockInfo, Image, open_image  # noqa: E402
-from .restorer import restore  # noqa: E402
-from .saver import Saver, save  # noqa: E402
-from .stats import PassStats, RestoreStats, SaveStats, read_status  # noqa: E402
+from .blocks import RamBlock
+from .errors import (
+    BlockError,
+    ChannelError,
+    DirectIOError,
+    FormatError,
+    IncompleteImageError,
+    ParallelSaveError,
+    SaveStateError,
+)
+from .image import BlockInfo, Image, open_image
+from .restorer import restore
+from .saver import Saver, save
+from .stats import PassStats, RestoreStats, SaveStats, read_status
 from .tracking import DirtyLog, DirtyTracker, TrackingError, UffdTracker, uffd_support
 
 __all__ = [
-    "RamBlock", "Saver", "save", "restore", "open_image", "Image", "BlockInfo",
-    "SaveStats", "PassStats", "RestoreStats", "read_status",
-    "ParallelSaveError", "FormatError", "IncompleteImageError", "BlockError",
-    "ChannelError", "DirectIOError", "SaveStateError", "__version__",
-    "DirtyLog", "DirtyTracker", "UffdTracker", "TrackingError", "uffd_support",
+                     "BlockError",
+                     "BlockInfo",
+                     "ChannelError",
+                     "DirectIOError",
+                     "DirtyLog",
+                     "DirtyTracker",
+                     "FormatError",
+                     "Image",
+                     "IncompleteImageError",
+                     "ParallelSaveError",
+                     "PassStats",
+                     "RamBlock",
+                     "RestoreStats",
+                     "SaveStateError",
+                     "SaveStats",
+                     "Saver",
+                     "TrackingError",
+                     "UffdTracker",
+                     "__version__",
+                     "open_image",
+                     "read_status",
+                     "restore",
+                     "save",
+                     "uffd_support",
 ]

@@ -53,7 +53,7 @@ def find_source(name: str, address: int, length: int) -> BlockSource:
     covering = _mappings_covering(address, length)
     if not covering or covering[0][0] > address:
         raise BlockError(f"block {name!r}: its buffer is not mapped memory")
-    start, _, perms, offset, path = covering[0]
+    start, _, _, offset, path = covering[0]
     file_offset = offset + (address - start)
     expected_start = start
     for entry_start, entry_end, entry_perms, entry_offset, entry_path in covering:
@@ -131,7 +131,7 @@ class RamBlock:
 
     @classmethod
     def from_file(cls, name: str, path: str | os.PathLike, *, length: int | None = None,
-                  create: bool = False, writable: bool = True) -> "RamBlock":
+                  create: bool = False, writable: bool = True) -> RamBlock:
         """Map ``path`` shared as a block's buffer (created, or resized to
         ``length``, when ``create``).  The file is never read into private
         memory: a save reads the pages straight from the page cache."""

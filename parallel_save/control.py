@@ -141,7 +141,7 @@ class ControlSegment:
                 keys + HASH_LANES * HASH_WORDS * 8).reshape(pages, HASH_LANES)
 
     @classmethod
-    def create(cls, layout: ControlLayout) -> "ControlSegment":
+    def create(cls, layout: ControlLayout) -> ControlSegment:
         """A new, zeroed segment in /dev/shm, with a name no other save or
         test (pytest -n auto) can collide with."""
         path = os.path.join(SEGMENT_DIR, f"parallel-save-{os.getpid()}-{uuid.uuid4().hex}")
@@ -157,7 +157,7 @@ class ControlSegment:
         return cls(layout, path, mapping)
 
     @classmethod
-    def attach(cls, layout: ControlLayout, path: str) -> "ControlSegment":
+    def attach(cls, layout: ControlLayout, path: str) -> ControlSegment:
         fd = os.open(path, os.O_RDWR)
         try:
             mapping = mmap.mmap(fd, layout.size, mmap.MAP_SHARED)

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -33,7 +33,7 @@ class ChannelStats:
     shards: int
 
     @classmethod
-    def from_row(cls, channel: int, row: np.ndarray) -> "ChannelStats":
+    def from_row(cls, channel: int, row: np.ndarray) -> ChannelStats:
         return cls(channel, int(row[c.PAGES_WRITTEN]), int(row[c.ZERO_PAGES]),
                    int(row[c.BYTES_WRITTEN]), int(row[c.WRITE_CALLS]),
                    int(row[c.PAGES_READ]), int(row[c.PAGES_ZEROED]),
@@ -134,7 +134,7 @@ class StatusBoard:
     SIZE = 64 * 1024
     # Boards this process publishes: read_status must not unregister them
     # from our own resource tracker, which owns them.
-    published: set[str] = set()
+    published: ClassVar[set[str]] = set()
 
     def __init__(self, name: str | None = None) -> None:
         from shared_memory_dict import SharedMemoryDict

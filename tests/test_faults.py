@@ -717,9 +717,9 @@ def test_bad_dirty_set_is_refused_and_the_save_goes_on(shm, tmp_path, dirty, err
 def test_direct_io_refused_by_the_file_system_leaves_no_file(shm, ramfs):
     image = ramfs / "vm.img"
     block = shm.block("ram0", 16, fill=0.5)
-    with pytest.raises(ps.DirectIOError) as caught:
-        with ps.Saver(image, [block], channels=2, direct_io=True) as saver:
-            saver.setup()
+    with pytest.raises(ps.DirectIOError) as caught, \
+            ps.Saver(image, [block], channels=2, direct_io=True) as saver:
+        saver.setup()
     assert str(caught.value) == (f"{image}: cannot open with O_DIRECT (direct_io): "
                                  f"Invalid argument")
     assert os.listdir(ramfs) == []
@@ -730,7 +730,7 @@ def test_direct_io_refused_in_place_keeps_the_old_image(shm, ramfs):
     block = shm.block("ram0", 16, fill=0.5)
     ps.save(image, [block], channels=1)
     before = image.read_bytes()
-    with pytest.raises(ps.DirectIOError):
-        with ps.Saver(image, [block], channels=1, direct_io=True, in_place=True) as saver:
-            saver.setup()
+    with pytest.raises(ps.DirectIOError), \
+            ps.Saver(image, [block], channels=1, direct_io=True, in_place=True) as saver:
+        saver.setup()
     assert image.read_bytes() == before
