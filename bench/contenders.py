@@ -90,7 +90,7 @@ def _probe(spec: dict[str, Any]) -> Measurement:
                          f"{err.strip()[-2000:]}")
     result: Measurement = json.loads(out.splitlines()[-1])
     result.update(peak_rss_anon=peak.bytes, peak_processes=peak.processes,
-                  peak_rss_anon_coordinator=peak.root_bytes)
+                  peak_rss_anon_coordinator=peak.root_bytes, peak_pss_anon=peak.pss_bytes)
     return result
 
 
@@ -130,7 +130,8 @@ def run_ps_passes(ctx: RunContext, *, channels: int) -> dict[str, Measurement]:
         remove(out)
     return {pass_name(fraction): {"seconds": result["passes"][str(fraction)],
                                   "first_pass": result["first_pass"],
-                                  "peak_rss_anon": result["peak_rss_anon"]}
+                                  "peak_rss_anon": result["peak_rss_anon"],
+                                  "peak_pss_anon": result["peak_pss_anon"]}
             for fraction in ctx.fractions}
 
 

@@ -4,9 +4,11 @@ The image is a shared file mapping, counted in RssShmem, so RssAnon (from
 /proc/PID/status) is exactly the memory a save costs beyond the image.  It
 is summed over the process and every descendant; a forked channel's
 copy-on-write pages that it still shares with the coordinator count in both,
-so the sum is an upper bound (smaps_rollup's Pss_Anon would split them, but
-reading it costs tens of milliseconds per process: too much to sample while
-timing).
+so the sum is an upper bound.  smaps_rollup's Pss_Anon splits such shared
+pages between the processes that map them: the memory the save really
+costs.  Reading it walks the page tables (milliseconds per process), too
+slow to sample continuously while timing, so it is read only when the
+RssAnon sum reaches a new peak, which happens a handful of times per run.
 
 A thread in the benchmark's own process samples the tree, so the sampling
 never runs in, or competes for the GIL of, the processes it measures.
@@ -68,6 +70,19 @@ def rss_anon(pid: int) -> int:
     return 0
 
 
+def pss_anon(pid: int) -> int:
+    """Pss_Anon of ``pid`` in bytes (shared copy-on-write pages split
+    between their sharers); 0 once it has exited."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:
+            for line in rollup:
+                if line.startswith(b"Pss_Anon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class PeakRssAnon:
     """``with PeakRssAnon(pid) as peak: ...`` then ``peak.bytes``: the largest
     summed RssAnon of ``pid``'s tree seen; at that time, ``peak.processes``
@@ -79,6 +94,7 @@ class PeakRssAnon:
         self.bytes = 0
         self.processes = 0
         self.root_bytes = 0
+        self.pss_bytes = 0  # the largest Pss_Anon sum, read at RssAnon peaks
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -106,5 +122,6 @@ class PeakRssAnon:
             self.samples += 1
             if sum(sizes) > self.bytes:
                 self.bytes, self.processes, self.root_bytes = sum(sizes), len(tree), sizes[0]
+                self.pss_bytes = max(self.pss_bytes, sum(pss_anon(pid) for pid in tree))
             if self._stop.wait(self.interval):
                 return
