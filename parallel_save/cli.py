@@ -39,7 +39,7 @@ from .directio import check_direct_io
 from .errors import BlockError, DirectIOError, ParallelSaveError
 from .format import PAGE_SIZE
 from .image import Image, open_image
-from .restorer import restore
+from .restorer import restore, unmatched_blocks
 from .saver import MAX_CHANNELS, save
 from .signals import terminate_cleanly
 from .stats import read_status
@@ -282,8 +282,7 @@ def _destinations(args: argparse.Namespace, image: Image) -> dict[str, str]:
     if args.outdir is not None:
         return {name: os.path.join(args.outdir, block_file_name(name)) for name in image.blocks}
     paths = _unique_blocks(args.block)
-    missing = [n for n in image.blocks if n not in paths]
-    extra = [n for n in paths if n not in image.blocks]
+    missing, extra = unmatched_blocks(image.blocks, paths)
     if missing or extra:
         raise Failure(f"{args.image} holds blocks {', '.join(map(repr, image.blocks))}"
                       + (f"; no --block for {', '.join(map(repr, missing))}" if missing else "")

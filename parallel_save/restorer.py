@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,15 @@ def _destinations(into: Destination) -> dict[str, RamBlock]:
     return named
 
 
+def unmatched_blocks(image_blocks: Iterable[str], destinations: Iterable[str]
+                     ) -> tuple[list[str], list[str]]:
+    """The image's blocks that have no destination, and the destinations
+    that name no block of the image, each in the order given."""
+    image_blocks, destinations = list(image_blocks), list(destinations)
+    return ([n for n in image_blocks if n not in destinations],
+            [n for n in destinations if n not in image_blocks])
+
+
 def restore(path: str | os.PathLike, into: Destination, channels: int = 4, *,
             start: int = 0, direct_io: bool = False, assume_zero: bool = False,
             on_progress: ProgressCallback | None = None) -> RestoreStats:
@@ -52,8 +61,7 @@ def restore(path: str | os.PathLike, into: Destination, channels: int = 4, *,
     started = time.perf_counter()
     with open_image(path, start=start) as image:
         targets = _destinations(into)
-        missing = [n for n in image.blocks if n not in targets]
-        extra = [n for n in targets if n not in image.blocks]
+        missing, extra = unmatched_blocks(image.blocks, targets)
         if missing or extra:
             raise BlockError(f"{path}: destinations do not match the image's blocks"
                              + (f"; missing {missing}" if missing else "")
