@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import faulthandler
 import mmap
 import os
 import pickle
@@ -363,6 +364,10 @@ def channel_main(number: int, conn, plan: ChannelPlan) -> None:
     # how to stop, so a channel never dies half-way through a write on it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
+    # A channel that dies of a signal (SIGBUS: its block's file was cut
+    # short) is reported by the coordinator with the cause; a fault
+    # handler inherited from the parent (pytest's) would only add a dump.
+    faulthandler.disable()
     channel = None
     try:
         channel = Channel(number, plan)
