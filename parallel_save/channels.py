@@ -25,6 +25,7 @@ import workers.channel as channel_process
 from .blocks import BlockSource
 from .control import ChannelPlan, ControlLayout, ControlSegment
 from .errors import ChannelError
+from .format import PAGE_SIZE
 from .signals import TERMINATE_SIGNALS, signals_deferred
 
 # How often a waiting coordinator wakes to report progress.
@@ -79,7 +80,7 @@ class ChannelGroup:
         """Create the control segment, start ``count`` channels on it and
         wait until all have attached; the segment's name is gone on return.
         ``hashing``: the channels run the hash tracker (tracking/hashing.py)."""
-        layout = ControlLayout(count, tuple(s.length // 4096 for s in sources), hashing)
+        layout = ControlLayout(count, tuple(s.length // PAGE_SIZE for s in sources), hashing)
         control = ControlSegment.create(layout)
         try:
             plan = ChannelPlan(image_path, writing, direct_io, tuple(sources),
