@@ -58,29 +58,28 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def rss_anon(pid: int) -> int:
-    """RssAnon of ``pid`` in bytes; 0 once it has exited."""
+def _proc_kib(pid: int, file: str, field: bytes) -> int:
+    """A "Field:  N kB" line of /proc/PID/FILE, in bytes; 0 once the
+    process has exited."""
     try:
-        with open(f"/proc/{pid}/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"RssAnon:"):
+        with open(f"/proc/{pid}/{file}", "rb") as lines:
+            for line in lines:
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def rss_anon(pid: int) -> int:
+    """RssAnon of ``pid`` in bytes."""
+    return _proc_kib(pid, "status", b"RssAnon:")
 
 
 def pss_anon(pid: int) -> int:
-    """Pss_Anon of ``pid`` in bytes (shared copy-on-write pages split
-    between their sharers); 0 once it has exited."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:
-            for line in rollup:
-                if line.startswith(b"Pss_Anon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    """Pss_Anon of ``pid`` in bytes: shared copy-on-write pages split
+    between their sharers."""
+    return _proc_kib(pid, "smaps_rollup", b"Pss_Anon:")
 
 
 class PeakRssAnon:
