@@ -3,6 +3,7 @@ and socket name here is unique per test, never fixed."""
 
 from __future__ import annotations
 
+import contextlib
 import lzma
 import os
 import shutil
@@ -98,16 +99,28 @@ def no_leaks():
     assert set(leftover_segments()) <= before, "control segment left in /dev/shm"
 
 
+@contextlib.contextmanager
+def mounted(mount_point: Path, fstype: str, options: str = ""):
+    """A real file system of ``fstype`` mounted at a new ``mount_point`` for
+    the test (root only: skipped with the reason where mount is refused)."""
+    mount_point.mkdir()
+    command = ["mount", "-t", fstype] + (["-o", options] if options else [])
+    done = subprocess.run([*command, fstype, str(mount_point)], check=False,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a {fstype} here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        # Lazily, if a test left a file open on it: it must go either way.
+        unmounted = subprocess.run(["umount", str(mount_point)], check=False,
+                                   capture_output=True)
+        if unmounted.returncode:
+            subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
 @pytest.fixture
 def ramfs(tmp_path):
     """A ramfs mount: a real file system that refuses O_DIRECT."""
-    mount = tmp_path / "ramfs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mount)], check=False,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a ramfs here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
+    with mounted(tmp_path / "ramfs", "ramfs") as mount_point:
+        yield mount_point

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import mounted
 from test_engine import channel_processes, open_fds
 
 import parallel_save as ps
@@ -81,29 +82,14 @@ def saved_image(shm, path: Path, pages: int = 256, seed: int = 99) -> bytes:
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 4 MiB tmpfs: a disk that fills up."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    done = run_as_root("mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point))
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with mounted(tmp_path / "small", "tmpfs", "size=4m") as mount_point:
         yield mount_point
-    finally:
-        if run_as_root("umount", str(mount_point)).returncode:
-            run_as_root("umount", "-l", str(mount_point))
 
 
 @pytest.fixture
 def read_only_fs(tmp_path):
-    mount_point = tmp_path / "ro"
-    mount_point.mkdir()
-    done = run_as_root("mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount_point))
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with mounted(tmp_path / "ro", "tmpfs", "ro,size=1m") as mount_point:
         yield mount_point
-    finally:
-        run_as_root("umount", "-l", str(mount_point))
 
 
 class FailingDisk:
