@@ -125,10 +125,11 @@ class Image:
                                  f"destination {target.size}")
             if target.flags.writeable is False:
                 raise BlockError(f"the destination for block {name!r} is read-only")
-        starts, ends = bit_runs(block.bitmap)
         if out is not None:
-            target[:] = 0
-        for first, last in zip(starts, ends):
+            # Only the clear pages: the present ones are read over below.
+            for first, last in zip(*bit_runs(~block.bitmap)):
+                target[first * PAGE_SIZE:last * PAGE_SIZE] = 0
+        for first, last in zip(*bit_runs(block.bitmap)):
             for at in range(first * PAGE_SIZE, last * PAGE_SIZE, READ_LIMIT):
                 end = min(last * PAGE_SIZE, at + READ_LIMIT)
                 view = memoryview(target[at:end])

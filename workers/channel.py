@@ -44,7 +44,7 @@ from parallel_save.control import (
     ChannelPlan,
     ControlSegment,
 )
-from parallel_save.format import PAGE_SIZE
+from parallel_save.format import PAGE_SIZE, bit_runs
 from parallel_save.tracking.hashing import PageHasher
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
@@ -325,8 +325,8 @@ class Channel:
             started = time.perf_counter_ns()
             present = self._unpack(self.control.pass_bitmap, block, first, end) & own
             words = self.words[block][first:end]
-            starts, ends = split_spans(*page_runs(np.flatnonzero(present)))
-            clear_starts, clear_ends = page_runs(np.flatnonzero(own & ~present))
+            starts, ends = split_spans(*bit_runs(present))
+            clear_starts, clear_ends = bit_runs(own & ~present)
             # Only the pages that get bytes: a destination known to be zero
             # keeps its holes.
             self._populate(block, first, starts, ends, write=True)
