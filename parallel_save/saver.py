@@ -184,7 +184,6 @@ class Saver:
         self._fd: int | None = None
         self._group: ChannelGroup | None = None
         self._board: StatusBoard | None = None
-        self._all_dirty = [np.ones(b.pages, dtype=bool) for b in self.blocks]
 
     # --- context manager ---
 
@@ -427,7 +426,8 @@ class Saver:
         """Each block's dirty pages (None: none), or a :class:`BlockError`
         before the pass changes anything."""
         if dirty is None:
-            return list(self._all_dirty)
+            # Made per pass, not kept: a byte per page for the whole save.
+            return [np.ones(b.pages, dtype=bool) for b in self.blocks]
         if not isinstance(dirty, Mapping):
             raise BlockError(f"a dirty set maps block names to one bool per page, "
                              f"not a {type(dirty).__name__}")
