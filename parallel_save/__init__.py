@@ -11,15 +11,18 @@ QEMU's mapped-ram migration file format.
     with ps.open_image("vm.img") as image: ...
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
+from .artifacts import clean
 from .blocks import RamBlock
 from .errors import (
     BlockError,
     ChannelError,
+    DestinationError,
     DirectIOError,
     FormatError,
+    ImageWriteError,
     IncompleteImageError,
+    OptionError,
     ParallelSaveError,
     SaveStateError,
 )
@@ -27,18 +30,29 @@ from .image import BlockInfo, Image, open_image
 from .restorer import restore
 from .saver import Saver, save
 from .stats import PassStats, RestoreStats, SaveStats, read_status
-from .tracking import DirtyLog, DirtyTracker, TrackingError, UffdTracker, uffd_support
+from .tracking import (
+    DirtyLog,
+    DirtyTracker,
+    HashTracker,
+    TrackingError,
+    UffdTracker,
+    uffd_support,
+)
 
 __all__ = [
                      "BlockError",
                      "BlockInfo",
                      "ChannelError",
+                     "DestinationError",
                      "DirectIOError",
                      "DirtyLog",
                      "DirtyTracker",
                      "FormatError",
+                     "HashTracker",
                      "Image",
+                     "ImageWriteError",
                      "IncompleteImageError",
+                     "OptionError",
                      "ParallelSaveError",
                      "PassStats",
                      "RamBlock",
@@ -49,6 +63,7 @@ __all__ = [
                      "TrackingError",
                      "UffdTracker",
                      "__version__",
+                     "clean",
                      "open_image",
                      "read_status",
                      "restore",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -25,11 +25,16 @@ from .format import PAGE_SIZE, check_block_length, check_block_name
 
 @dataclass(frozen=True)
 class BlockSource:
-    """How a channel maps a block: ``length`` bytes of ``path`` from ``offset``."""
+    """How a channel maps a block: ``length`` bytes of ``path`` from
+    ``offset``.  ``device`` and ``inode`` name the file the coordinator
+    saw: a channel that opens the path and finds another file (replaced
+    since) refuses it instead of saving or restoring the wrong memory."""
 
     path: str
     offset: int
     length: int
+    device: int = 0
+    inode: int = 0
 
 
 def _mappings_covering(address: int, length: int) -> list[tuple[int, int, str, int, str]]:
@@ -77,7 +82,12 @@ def find_source(name: str, address: int, length: int) -> BlockSource:
         raise BlockError(f"block {name!r}: its buffer is shared memory with no file "
                          f"that another process can open ({what}); use "
                          f"multiprocessing.shared_memory or a file under /dev/shm")
-    return BlockSource(path, file_offset, length)
+    try:
+        found = os.stat(path)
+    except OSError as error:
+        raise BlockError(f"block {name!r}: its file {path} cannot be opened: "
+                         f"{error.strerror}") from None
+    return BlockSource(path, file_offset, length, found.st_dev, found.st_ino)
 
 
 def _byte_view(buffer: Any) -> np.ndarray:
@@ -105,6 +115,7 @@ class RamBlock:
     """
 
     def __init__(self, name: str, buffer: Any) -> None:
+        self._keep = None
         check_block_name(name)
         array = _byte_view(buffer)
         check_block_length(name, array.size)
@@ -119,7 +130,22 @@ class RamBlock:
 
     @property
     def length(self) -> int:
-        return self.array.size
+        return self.source.length
+
+    def close(self) -> None:
+        """Let go of the buffer: after this, the caller's own buffer (a
+        ``SharedMemory``) can be closed.  A block made by :meth:`from_file`
+        unmaps its file.  Safe to call twice."""
+        keep, self._keep = self._keep, None
+        self.array = np.zeros(0, dtype=np.uint8)
+        if isinstance(keep, mmap.mmap):
+            keep.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @property
     def pages(self) -> int:
@@ -138,7 +164,8 @@ class RamBlock:
         path = os.fspath(path)
         flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_CREAT if create else 0)
         try:
-            fd = os.open(path, flags, 0o644)
+            # Created 0600: the file holds memory.
+            fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
         except OSError as error:
             raise BlockError(f"block {name!r}: cannot open {path}: "
                              f"{error.strerror}") from None
@@ -159,16 +186,40 @@ class RamBlock:
         return cls(name, mapping)
 
 
-def attach(source: BlockSource, writable: bool) -> tuple[mmap.mmap, np.ndarray]:
-    """Map a block's bytes in this process (a channel) without copying."""
-    fd = os.open(source.path, os.O_RDWR if writable else os.O_RDONLY)
-    try:
-        start = source.offset - source.offset % mmap.ALLOCATIONGRANULARITY
-        skip = source.offset - start
-        mapping = mmap.mmap(fd, source.length + skip, mmap.MAP_SHARED,
-                            access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ,
-                            offset=start)
-    finally:
+class BlockMapping:
+    """A block's bytes mapped in this process (a channel), without copying,
+    and the descriptor of its file (for finding its holes)."""
+
+    def __init__(self, source: BlockSource, writable: bool) -> None:
+        self.fd = open_source(source, writable)
+        try:
+            start = source.offset - source.offset % mmap.ALLOCATIONGRANULARITY
+            self.skip = source.offset - start
+            self.mapping = mmap.mmap(self.fd, source.length + self.skip, mmap.MAP_SHARED,
+                                     access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ,
+                                     offset=start)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.array = np.frombuffer(self.mapping, dtype=np.uint8, count=source.length,
+                                   offset=self.skip)
+        self.source = source
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_source(source: BlockSource, writable: bool) -> int:
+    """Open a block's file, refusing one that is not the file the block was
+    made over (``source.device``/``inode``): a path is looked up again
+    here, and a file put in its place since must not be read or written."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(source.path, flags)
+    found = os.fstat(fd)
+    if source.inode and (found.st_dev, found.st_ino) != (source.device, source.inode):
         os.close(fd)
-    array = np.frombuffer(mapping, dtype=np.uint8, count=source.length, offset=skip)
-    return mapping, array
+        raise BlockError(f"{source.path}: the block's file was replaced by another "
+                         f"file after the block was made")
+    return fd

@@ -1,21 +1,33 @@
-"""The coordinator's side of the channels: start them, deal out chunks,
-wait for a pass, notice a channel that died, stop them all.
+"""The channel group: the coordinator's side of the channels, and the one
+owner of the wire between them.
 
-Like QEMU's multifd.c: it owns the life of the channels and nothing of the
-byte layout.  A channel that raises or dies turns into a
-:class:`ChannelError` within one wait interval, never a hang, and every
-other channel is stopped (like ``concurrent.futures``' BrokenProcessPool).
+Like QEMU's multifd.c, it owns the life of the channels (start, hand out
+work, wait for a pass, stop) and everything that travels to them: the
+control segment, the dealing of chunks, the messages, the counters and the
+merged file bitmap.  Callers say what a pass covers (each block's dirty or
+present pages); never how it reaches the channels.
+
+A channel that raises or dies turns into a :class:`ChannelError` within
+one wait interval, never a hang, and every other channel is stopped (like
+``concurrent.futures``' BrokenProcessPool).  Channels are started with
+``fork`` when this process has one thread (a channel is up in
+milliseconds), with ``forkserver`` otherwise (forking a process whose other
+threads may hold locks is unsafe); the caller may choose.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import multiprocess
 import numpy as np
+from multiprocess import reduction
 from multiprocess.connection import wait
 
 # A module import, not a name import: workers.channel imports parallel_save
@@ -23,20 +35,43 @@ from multiprocess.connection import wait
 import workers.channel as channel_process
 
 from .blocks import BlockSource
-from .control import ChannelPlan, ControlLayout, ControlSegment
-from .errors import ChannelError
+from .control import (
+    BYTES_WRITTEN,
+    CHUNK_PAGES,
+    DONE,
+    ERROR,
+    PAGES_DONE,
+    PAGES_READ,
+    PAGES_WRITTEN,
+    PAGES_ZEROED,
+    READY,
+    RESTORE,
+    SAVE,
+    STOP,
+    UNCHANGED_PAGES,
+    ZERO_PAGES,
+    ChannelPlan,
+    ControlLayout,
+    ControlSegment,
+)
+from .errors import ChannelError, OptionError
 from .format import PAGE_SIZE
 from .signals import TERMINATE_SIGNALS, signals_deferred
+from .stats import ChannelStats
 
 # How often a waiting coordinator wakes to report progress.
 PROGRESS_INTERVAL = 0.1
 # How long a channel may take to exit after "stop" before it is killed.
 STOP_GRACE = 2.0
+START_METHODS = ("fork", "forkserver", "spawn")
 
+# progress(pages handled in this pass, pages to handle in this pass)
+PassProgress = Callable[[int, int], None]
 
 # Why a channel may die of a signal no one sent on purpose.
 _SIGNAL_HINTS = {
-    signal.SIGBUS: " (a block's memory became unreadable: was its file truncated?)",
+    signal.SIGBUS: " (a block's memory became unreadable: was its file truncated, "
+                   "or its file system full?)",
 }
 
 
@@ -60,8 +95,37 @@ def _channel(number: int, connection, plan: ChannelPlan) -> None:
     channel_process.channel_main(number, connection, plan)
 
 
+def choose_start_method(start_method: str | None) -> str:
+    """``start_method`` checked, or the default: fork while this process
+    has a single thread, forkserver once it has more."""
+    if start_method is None:
+        return "fork" if threading.active_count() == 1 else "forkserver"
+    if start_method not in START_METHODS:
+        raise OptionError(f"start_method must be one of {START_METHODS}, "
+                         f"not {start_method!r}")
+    return start_method
+
+
+def deal_chunks(chunks: np.ndarray, channels: int) -> list[np.ndarray]:
+    """Each channel's share of these chunk numbers: chunk g always goes to
+    channel g % channels, which is what makes an OR merge correct."""
+    return [chunks[chunks % channels == c].astype(np.int32) for c in range(channels)]
+
+
+@dataclass(frozen=True)
+class PassCounts:
+    """What one pass did, summed over the channels."""
+
+    pages_written: int
+    zero_pages: int
+    bytes_written: int
+    pages_unchanged: int
+    pages_read: int
+    pages_zeroed: int
+
+
 class ChannelGroup:
-    """N channel processes of one save or restore."""
+    """N channel processes of one save or restore, over one image file."""
 
     def __init__(self, count: int, plan: ChannelPlan, control: ControlSegment) -> None:
         self.count = count
@@ -74,31 +138,33 @@ class ChannelGroup:
         self.bytes_received = 0
 
     @classmethod
-    def launch(cls, count: int, image_path: str, *, writing: bool, direct_io: bool,
-               sources: list[BlockSource], pages_offsets: list[int],
-               hashing: bool = False) -> ChannelGroup:
-        """Create the control segment, start ``count`` channels on it and
-        wait until all have attached; the segment's name is gone on return.
-        ``hashing``: the channels run the hash tracker (tracking/hashing.py)."""
-        layout = ControlLayout(count, tuple(s.length // PAGE_SIZE for s in sources), hashing)
+    def launch(cls, count: int, image_fd: int, image_name: str, *, writing: bool,
+               direct_io: bool, sources: Sequence[BlockSource],
+               pages_offsets: Sequence[int], hash_keys: np.ndarray | None = None,
+               start_method: str | None = None) -> ChannelGroup:
+        """Start ``count`` channels on the image open as ``image_fd`` (each
+        gets that descriptor, never a path) and wait until all have
+        attached.  ``image_name`` is how errors name the file.
+        ``hash_keys``: the channels run the hash tracker with these keys
+        (tracking/hashing.py)."""
+        method = choose_start_method(start_method)
+        layout = ControlLayout(count, tuple(s.length // PAGE_SIZE for s in sources),
+                               hash_keys is not None)
         control = ControlSegment.create(layout)
-        try:
-            plan = ChannelPlan(image_path, writing, direct_io, tuple(sources),
-                               tuple(pages_offsets), layout, control.path)
-            group = cls(count, plan, control)
-            group.start()
-        finally:
-            control.unlink()
+        if hash_keys is not None:
+            control.hash_keys[:] = hash_keys
+        plan = ChannelPlan(image_name, writing, direct_io, tuple(sources),
+                           tuple(pages_offsets), layout, os.getpid(), method != "forkserver")
+        group = cls(count, plan, control)
+        group.start(method, image_fd)
         return group
 
-    def start(self) -> None:
-        # fork: a channel is up in milliseconds, and it maps everything it
-        # needs by path, so it would work the same under spawn.
-        context = multiprocess.get_context("fork")
+    def start(self, method: str, image_fd: int) -> None:
+        context = multiprocess.get_context(method)
         try:
             # A Ctrl-C raised inside fork's Python hooks would be swallowed
             # there ("Exception ignored"), and leave logging's lock taken:
-            # it waits until the channels are forked.
+            # it waits until the channels are started.
             with signals_deferred():
                 for number in range(self.count):
                     ours, theirs = context.Pipe(duplex=True)
@@ -108,10 +174,102 @@ class ChannelGroup:
                     theirs.close()
                     self.processes.append(process)
                     self.connections.append(ours)
-            self._wait_all("ready", None)
+                    # Over the connection's socket (SCM_RIGHTS): the channel
+                    # works on the very file the coordinator checked.
+                    reduction.send_handle(ours, image_fd, process.pid)
+                    reduction.send_handle(ours, self.control.fd, process.pid)
+            self._wait_all(READY, None)
         except BaseException:
             self.stop(force=True)
             raise
+
+    # --- passes ---
+
+    def save_pass(self, dirty: Sequence[np.ndarray | None],
+                  progress: PassProgress | None = None) -> PassCounts:
+        """Write each block's dirty pages (one bool per page; None: none)
+        at their fixed offsets, and wait until every channel is done."""
+        total = self._load_pass_bitmap([None if d is None else np.packbits(d, bitorder="little")
+                                        for d in dirty])
+        chunks = self._chunks_with_bits()
+        return self._run([(SAVE, shard) for shard in deal_chunks(chunks, self.count)],
+                         progress, total)
+
+    def restore_pass(self, present: Sequence[np.ndarray], zero_clear: bool,
+                     progress: PassProgress | None = None) -> PassCounts:
+        """Read each block's present pages (``present``: the image's packed
+        bitmaps, as on disk) into the destinations; zero the clear pages
+        unless the destinations are known to be zero."""
+        self._load_pass_bitmap(present)
+        chunks = np.arange(self.control.layout.chunks)
+        total = sum(self.control.layout.block_pages)
+        return self._run([(RESTORE, shard, zero_clear)
+                          for shard in deal_chunks(chunks, self.count)], progress, total)
+
+    def file_bitmap(self, block: int) -> np.ndarray:
+        """A block's bitmap of pages in the file, in QEMU's packed words:
+        the OR of the channels' own (see control.py)."""
+        control = self.control
+        merged = np.bitwise_or.reduce(control.file_bitmaps, axis=0)
+        return control.block_bits(merged, block).copy()
+
+    def channel_stats(self) -> list[ChannelStats]:
+        return [ChannelStats.from_row(i, row) for i, row in enumerate(self.control.counters)]
+
+    def _load_pass_bitmap(self, packed: Sequence[np.ndarray | None]) -> int:
+        """Put a pass's packed bitmaps in the control segment; returns the
+        number of set bits."""
+        control = self.control
+        total = 0
+        for index, bits in enumerate(packed):
+            target = control.block_bits(control.pass_bitmap, index)
+            if bits is None:
+                target[:] = 0
+                continue
+            if bits.size > target.size:
+                raise ValueError(f"block {index}: {bits.size} bitmap bytes, "
+                                 f"expected at most {target.size}")
+            target[:bits.size] = bits
+            target[bits.size:] = 0
+            # Bits past the block's last page are not pages.
+            spare = target.size * 8 - control.layout.block_pages[index]
+            if spare:
+                target[-1] &= 0xFF >> spare
+            total += int(np.unpackbits(target).sum())
+        return total
+
+    def _chunks_with_bits(self) -> np.ndarray:
+        """The chunks holding at least one set bit of the pass bitmap."""
+        control = self.control
+        bytes_per_chunk = CHUNK_PAGES // 8
+        found = []
+        for index, base in enumerate(control.layout.chunk_bases):
+            bits = control.block_bits(control.pass_bitmap, index)
+            chunks = -(-bits.size // bytes_per_chunk)
+            padded = np.zeros(chunks * bytes_per_chunk, dtype=np.uint8)
+            padded[:bits.size] = bits
+            found.append(base + np.flatnonzero(padded.reshape(chunks, -1).any(axis=1)))
+        return np.concatenate(found)
+
+    def _run(self, messages: list[tuple], progress: PassProgress | None,
+             total: int) -> PassCounts:
+        counters = self.control.counters
+        before = counters.sum(axis=0)
+
+        def report() -> None:
+            if progress is not None:
+                progress(int(counters[:, PAGES_DONE].sum() - before[PAGES_DONE]), total)
+
+        for number, message in enumerate(messages):
+            self._send(number, message)
+        self._wait_all(DONE, report)
+        report()
+        delta = counters.sum(axis=0) - before
+        return PassCounts(int(delta[PAGES_WRITTEN]), int(delta[ZERO_PAGES]),
+                          int(delta[BYTES_WRITTEN]), int(delta[UNCHANGED_PAGES]),
+                          int(delta[PAGES_READ]), int(delta[PAGES_ZEROED]))
+
+    # --- process life ---
 
     def _send(self, number: int, message: tuple) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
@@ -120,13 +278,6 @@ class ChannelGroup:
             self.connections[number].send_bytes(data)
         except OSError:
             pass  # it died; _wait_all reports how
-
-    def run_pass(self, messages: list[tuple], progress: Callable[[], None] | None = None
-                 ) -> None:
-        """Send each channel its message and wait until all are done."""
-        for number, message in enumerate(messages):
-            self._send(number, message)
-        self._wait_all("done", progress)
 
     def _wait_all(self, expected: str, progress: Callable[[], None] | None) -> None:
         waiting = set(range(self.count))
@@ -152,7 +303,7 @@ class ChannelGroup:
                         self._fail(number, None)
                     self.bytes_received += len(data)
                     reply = pickle.loads(data)
-                    if reply[0] == "error":
+                    if reply[0] == ERROR:
                         self._fail(number, reply[1], reply[2])
                     if reply[0] != expected:
                         self._fail(number, f"unexpected reply {reply[0]!r}")
@@ -184,7 +335,7 @@ class ChannelGroup:
                     if force:
                         process.kill()
                     else:
-                        self._send(number, ("stop",))
+                        self._send(number, (STOP,))
             deadline = time.monotonic() + STOP_GRACE
             for process in self.processes:
                 process.join(max(0.0, deadline - time.monotonic()))
@@ -197,9 +348,4 @@ class ChannelGroup:
             for process in self.processes:
                 process.close()
             self.processes, self.connections = [], []
-
-
-def deal_chunks(chunks: np.ndarray, channels: int) -> list[np.ndarray]:
-    """Each channel's share of these chunk numbers: chunk g always goes to
-    channel g % channels, which is what makes an OR merge correct."""
-    return [chunks[chunks % channels == c].astype(np.int32) for c in range(channels)]
+            self.control.close()

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, NoReturn, Self
 import numpy as np
 
 from . import __version__
-from .blocks import BlockSource, RamBlock, attach
+from .blocks import BlockMapping, BlockSource, RamBlock
 from .directio import check_direct_io
 from .errors import BlockError, DirectIOError, ParallelSaveError
 from .format import PAGE_SIZE
@@ -459,9 +459,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 raise BlockError(f"block {name!r}: the image holds {block.length} bytes, "
                                  f"{path} is {source.length}")
             # The image's page slots, mapped: nothing is read that is not compared.
-            _, stored = attach(BlockSource(image.path, block.layout.pages_offset,
-                                           block.length), writable=False)
-            differing[name] = pages_differ(stored, block.bitmap, source.array)
+            stored = BlockMapping(BlockSource(image.path, block.layout.pages_offset,
+                                              block.length), writable=False)
+            differing[name] = pages_differ(stored.array, block.bitmap, source.array)
+            stored.close()
         unchecked = [n for n in image.blocks if n not in paths]
     total = sum(p.size for p in differing.values())
     if total:

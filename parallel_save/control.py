@@ -1,5 +1,7 @@
-"""The control segment: the small shared memory through which the
-coordinator and its channels exchange everything but messages.
+"""The wire between the coordinator and its channels: the control segment
+(shared memory holding counters and bitmaps), the messages, and what a
+channel is told at start.  Both sides import it; only the channel group
+(channels.py) and the channel process (workers/channel.py) use it.
 
 It holds, for a save or restore with N channels over blocks of P pages:
 
@@ -18,19 +20,23 @@ Bitmaps are packed little-endian bits, each block's at its own 8-byte
 aligned base, exactly QEMU's on-disk words, so merging them and writing
 them out needs no conversion.
 
+The segment is a memfd: it has no name anywhere, so nothing can be
+planted in its place or left behind by a killed save; the channels get
+its descriptor, not a path.
+
 Work is dealt in chunks of ``CHUNK_PAGES`` pages, and chunk g of the image
 always belongs to channel ``g % N``.  Because a page is always handled by
 the same channel, that channel's bit for it is the one from the last pass
 that handled it, and merging the channels' bitmaps is a plain OR
-(DESIGN.md, invariant 2).  A chunk is 64 bitmap bytes, so no two channels
-ever write the same byte of any bitmap.
+(docs/DESIGN.md, invariant 2).  A chunk is a multiple of 64 pages, so no
+two channels ever write the same byte, nor the same 64-bit word, of any
+bitmap.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +48,19 @@ from .format import bitmap_size
 # messages per GiB and each write is large, small enough to spread a
 # clustered dirty set over every channel.
 CHUNK_PAGES = 512
+if CHUNK_PAGES % 64:
+    # The OR merge of the channels' bitmaps relies on it (module docstring).
+    raise ImportError(f"CHUNK_PAGES ({CHUNK_PAGES}) must be a multiple of 64")
+
+# Messages, coordinator to channel (pickled tuples of a few hundred bytes:
+# chunk numbers, never page bytes).
+SAVE = "save"          # (SAVE, chunks): write the dirty pages of these chunks
+RESTORE = "restore"    # (RESTORE, chunks, zero_clear): read the present pages
+STOP = "stop"          # (STOP,): close everything and exit
+# Replies, channel to coordinator.
+READY = "ready"        # (READY,): attached, waiting for work
+DONE = "done"          # (DONE,): the pass's chunks are handled
+ERROR = "error"        # (ERROR, one-line cause, errno or None)
 
 # Counter columns of a channel's row.
 PAGES_WRITTEN = 0    # non-zero pages written to the file
@@ -59,8 +78,6 @@ COUNTERS = 10
 # The hash tracker's page hash: lanes of 64 bits over 32-bit words.
 HASH_LANES = 2
 HASH_WORDS = 1024
-
-SEGMENT_DIR = "/dev/shm"
 
 
 @dataclass(frozen=True)
@@ -119,9 +136,9 @@ class ControlLayout:
 class ControlSegment:
     """The mapped control segment, as numpy views."""
 
-    def __init__(self, layout: ControlLayout, path: str, mapping: mmap.mmap) -> None:
+    def __init__(self, layout: ControlLayout, fd: int, mapping: mmap.mmap) -> None:
         self.layout = layout
-        self.path = path
+        self.fd = fd
         self._mapping = mapping
         n, width = layout.channels, layout.bitmap_bytes
         counters_size = n * COUNTERS * 8
@@ -142,37 +159,30 @@ class ControlSegment:
 
     @classmethod
     def create(cls, layout: ControlLayout) -> ControlSegment:
-        """A new, zeroed segment in /dev/shm, with a name no other save or
-        test (pytest -n auto) can collide with."""
-        path = os.path.join(SEGMENT_DIR, f"parallel-save-{os.getpid()}-{uuid.uuid4().hex}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        """A new, zeroed segment: an unnamed memfd."""
+        fd = os.memfd_create("parallel-save-control", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, layout.size)
             mapping = mmap.mmap(fd, layout.size, mmap.MAP_SHARED)
         except BaseException:
-            os.unlink(path)
-            raise
-        finally:
             os.close(fd)
-        return cls(layout, path, mapping)
+            raise
+        return cls(layout, fd, mapping)
 
     @classmethod
-    def attach(cls, layout: ControlLayout, path: str) -> ControlSegment:
-        fd = os.open(path, os.O_RDWR)
-        try:
-            mapping = mmap.mmap(fd, layout.size, mmap.MAP_SHARED)
-        finally:
-            os.close(fd)
-        return cls(layout, path, mapping)
+    def attach(cls, layout: ControlLayout, fd: int) -> ControlSegment:
+        """Map the segment whose descriptor a channel was handed."""
+        if os.fstat(fd).st_size != layout.size:
+            raise ValueError(f"the control segment is {os.fstat(fd).st_size} bytes, "
+                             f"expected {layout.size}")
+        return cls(layout, fd, mmap.mmap(fd, layout.size, mmap.MAP_SHARED))
 
-    def unlink(self) -> None:
-        """Remove the name; the mappings stay valid until closed.  Done as
-        soon as every channel has attached, so that nothing is left in
-        /dev/shm even if the coordinator is killed afterwards."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+    def close(self) -> None:
+        """Drop the descriptor; the numpy views keep the mapping alive until
+        they go too."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def block_bits(self, row: np.ndarray, block: int) -> np.ndarray:
         """One block's packed bitmap inside a bitmap row (a view)."""
@@ -186,12 +196,15 @@ class ControlSegment:
 
 @dataclass(frozen=True)
 class ChannelPlan:
-    """Everything a channel needs, sent once at start (a few hundred bytes)."""
+    """Everything a channel needs besides its two descriptors (the image
+    file and the control segment, passed over its connection): sent once
+    at start, a few hundred bytes."""
 
-    image_path: str
+    image_name: str                  # the image as the user named it, for messages
     writing: bool                    # save (True) or restore (False)
     direct_io: bool
     sources: tuple[BlockSource, ...]
     pages_offsets: tuple[int, ...]   # each block's pages region in the file
     control: ControlLayout
-    control_path: str
+    coordinator: int                 # pid: the channel dies with it
+    forked: bool                     # the coordinator is the channel's parent

@@ -3,8 +3,8 @@
 Pages are 4 KiB at 1 MiB-aligned offsets and page-aligned buffers, so any
 file system asking for at most 4096-byte alignment works.  We ask the
 kernel (statx STATX_DIOALIGN, through ctypes on Python 3.11) and then open
-the file with O_DIRECT, before anything is written, so the error comes
-early and names the path and the option.
+the file again with O_DIRECT, before anything is written, so the error
+comes early and names the path and the option.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import os
 from .errors import DirectIOError
 from .format import PAGE_SIZE
 
-_AT_FDCWD = -100
 _STATX_DIOALIGN = 0x2000
 _STATX_SIZE = 256
 _STX_MASK = 0
@@ -23,15 +22,19 @@ _STX_DIO_MEM_ALIGN = 152
 _STX_DIO_OFFSET_ALIGN = 156
 
 
-def dio_alignment(path: str) -> tuple[int, int] | None:
+_AT_EMPTY_PATH = 0x1000
+
+
+def dio_alignment(fd: int) -> tuple[int, int] | None:
     """(memory alignment, offset alignment) the kernel reports for O_DIRECT
-    on ``path``; (0, 0) if it does not support it; None if it cannot say."""
+    on the open file ``fd``; (0, 0) if it does not support it; None if it
+    cannot say."""
     try:
         statx = ctypes.CDLL(None, use_errno=True).statx
     except AttributeError:
         return None
     buffer = ctypes.create_string_buffer(_STATX_SIZE)
-    if statx(_AT_FDCWD, os.fsencode(path), 0, _STATX_DIOALIGN, buffer) != 0:
+    if statx(fd, b"", _AT_EMPTY_PATH, _STATX_DIOALIGN, buffer) != 0:
         return None
     raw = buffer.raw
     mask = int.from_bytes(raw[_STX_MASK:_STX_MASK + 4], "little")
@@ -42,25 +45,35 @@ def dio_alignment(path: str) -> tuple[int, int] | None:
     return mem, off
 
 
-def check_direct_io(path: str, writable: bool, option: str = "direct_io",
-                    shown: str | None = None) -> None:
-    """Raise :class:`DirectIOError` unless ``path`` (an existing file) can
-    be opened with O_DIRECT and needs no more than page alignment.  The
-    message names ``shown`` (the user's path, when ``path`` is a temporary
-    file beside it)."""
-    name = shown or path
-    alignment = dio_alignment(path)
+def check_direct_io_fd(fd: int, shown: str, writable: bool = True,
+                       option: str = "direct_io") -> int:
+    """The open file ``fd`` opened again with O_DIRECT (a new descriptor of
+    the same file: through /proc/self/fd, never its path), or a
+    :class:`DirectIOError` naming ``shown`` unless it needs no more than
+    page alignment."""
+    alignment = dio_alignment(fd)
     if alignment is not None:
         mem, off = alignment
         if off == 0:
-            raise DirectIOError(f"{name}: the file system does not support O_DIRECT "
+            raise DirectIOError(f"{shown}: the file system does not support O_DIRECT "
                                 f"({option}); save without it")
         if off > PAGE_SIZE or mem > PAGE_SIZE:
-            raise DirectIOError(f"{name}: O_DIRECT needs {max(off, mem)}-byte alignment "
+            raise DirectIOError(f"{shown}: O_DIRECT needs {max(off, mem)}-byte alignment "
                                 f"here, parallel-save aligns to {PAGE_SIZE} ({option})")
     try:
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_DIRECT)
+        return os.open(f"/proc/self/fd/{fd}", (os.O_RDWR if writable else os.O_RDONLY)
+                       | os.O_DIRECT | os.O_CLOEXEC)
     except OSError as error:
-        raise DirectIOError(f"{name}: cannot open with O_DIRECT ({option}): "
+        raise DirectIOError(f"{shown}: cannot open with O_DIRECT ({option}): "
                             f"{error.strerror}") from None
-    os.close(fd)
+
+
+def check_direct_io(path: str, writable: bool, option: str = "direct_io",
+                    shown: str | None = None) -> None:
+    """Raise :class:`DirectIOError` unless the existing file ``path`` can
+    be opened with O_DIRECT at page alignment."""
+    fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+    try:
+        os.close(check_direct_io_fd(fd, shown or path, writable, option))
+    finally:
+        os.close(fd)

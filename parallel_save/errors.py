@@ -61,3 +61,20 @@ class ChannelError(ParallelSaveError):
 
 class SaveStateError(ParallelSaveError):
     """A Saver method was called out of order (iterate before setup, ...)."""
+
+
+class DestinationError(ParallelSaveError):
+    """A file cannot be written safely where it was asked for: the path is a
+    symbolic link (not followed unless asked), a special file, or it was
+    replaced by another process while the save put its image there."""
+
+
+class ImageWriteError(ParallelSaveError, OSError):
+    """The coordinator's own write, sync or rename of the image failed.
+    An ``OSError`` too: ``errno`` says why (``errno.ENOSPC``...), and the
+    message names the file."""
+
+
+class OptionError(ParallelSaveError, ValueError):
+    """An argument out of its range: a channel count, a mode, a start
+    method, a tracker.  A ``ValueError`` too."""

@@ -55,6 +55,10 @@ class BlockInfo:
     def pages_zero(self) -> int:
         return self.pages - self.pages_present
 
+    def packed_bitmap(self) -> np.ndarray:
+        """The bitmap in QEMU's packed little-endian words, as on disk."""
+        return np.packbits(self.bitmap, bitorder="little")
+
 
 class Image:
     """An open image file.  Use as a context manager, or call ``close``."""
@@ -81,6 +85,10 @@ class Image:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    def fileno(self) -> int:
+        """The descriptor of the validated file (channels read through it)."""
+        return self._fd
 
     def close(self) -> None:
         if self._fd >= 0:

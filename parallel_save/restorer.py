@@ -10,17 +10,14 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from .blocks import RamBlock
-from .channels import ChannelGroup, deal_chunks
-from .control import PAGES_DONE, PAGES_READ, PAGES_ZEROED
-from .directio import check_direct_io
+from .channels import ChannelGroup
+from .directio import check_direct_io_fd
 from .errors import BlockError
 from .format import PAGE_SIZE
 from .image import open_image
 from .saver import ProgressCallback, check_blocks, check_channels, check_sources
-from .stats import ChannelStats, RestoreStats
+from .stats import RestoreStats
 
 Destination = Mapping[str, Any] | Sequence[RamBlock]
 
@@ -47,6 +44,7 @@ def unmatched_blocks(image_blocks: Iterable[str], destinations: Iterable[str]
 
 def restore(path: str | os.PathLike, into: Destination, channels: int = 4, *,
             start: int = 0, direct_io: bool = False, assume_zero: bool = False,
+            start_method: str | None = None,
             on_progress: ProgressCallback | None = None) -> RestoreStats:
     """Load the image at ``path`` into ``into`` (``{name: buffer}`` or a
     list of :class:`RamBlock`), with ``channels`` reader processes.
@@ -54,7 +52,11 @@ def restore(path: str | os.PathLike, into: Destination, channels: int = 4, *,
     Every block of the image must have a destination of exactly its length,
     and no destination may be left over: a mismatch is refused before any
     byte is written.  ``assume_zero=True`` skips zeroing the pages the image
-    says are zero (right for fresh memory or a new sparse file).
+    says are zero (right for fresh memory or a new sparse file); otherwise
+    they are given back to the destination's file where it can (a hole
+    reads as zero), so a sparse destination stays sparse.  The channels
+    read through the descriptor that was validated, so a file renamed over
+    ``path`` meanwhile cannot mix in.
     """
     channels = check_channels(channels)
     path = os.fspath(path)
@@ -71,35 +73,29 @@ def restore(path: str | os.PathLike, into: Destination, channels: int = 4, *,
                 raise BlockError(f"{path}: block {name!r} is {block.length} bytes, its "
                                  f"destination {targets[name].length}")
         check_sources(list(targets.values()))
+        blocks = list(image.blocks.values())
+        present = [b.packed_bitmap() for b in blocks]
+        image_fd = image.fileno()
         if direct_io:
-            check_direct_io(path, writable=False)
-        layouts = [b.layout for b in image.blocks.values()]
-        group = ChannelGroup.launch(
-            channels, path, writing=False, direct_io=direct_io,
-            sources=[targets[b.name].source for b in layouts],
-            pages_offsets=[b.pages_offset for b in layouts])
+            image_fd = check_direct_io_fd(image_fd, path, writable=False)
         try:
-            control = group.control
-            for index, block in enumerate(image.blocks.values()):
-                packed = np.packbits(block.bitmap, bitorder="little")
-                control.block_bits(control.pass_bitmap, index)[:packed.size] = packed
-            total_pages = sum(b.pages for b in layouts)
-            counters = control.counters
-
-            def progress() -> None:
+            group = ChannelGroup.launch(
+                channels, image_fd, path, writing=False, direct_io=direct_io,
+                sources=[targets[b.name].source for b in blocks],
+                pages_offsets=[b.layout.pages_offset for b in blocks],
+                start_method=start_method)
+        finally:
+            if image_fd != image.fileno():
+                os.close(image_fd)  # the channels hold their own
+        try:
+            def progress(done: int, total: int) -> None:
                 if on_progress is not None:
-                    on_progress("restore", int(counters[:, PAGES_DONE].sum()), total_pages)
+                    on_progress("restore", done, total)
 
-            chunks = np.arange(control.layout.chunks)
-            group.run_pass([("restore", shard, not assume_zero)
-                            for shard in deal_chunks(chunks, channels)], progress)
-            progress()
-            totals = counters.sum(axis=0)
-            stats = RestoreStats(path, channels, int(totals[PAGES_READ]),
-                                 int(totals[PAGES_ZEROED]),
-                                 int(totals[PAGES_READ]) * PAGE_SIZE,
-                                 channel_stats=[ChannelStats.from_row(i, row)
-                                                for i, row in enumerate(counters)])
+            counts = group.restore_pass(present, not assume_zero, progress)
+            stats = RestoreStats(path, channels, counts.pages_read, counts.pages_zeroed,
+                                 counts.pages_read * PAGE_SIZE,
+                                 channel_stats=group.channel_stats())
         except BaseException:
             group.stop(force=True)
             raise

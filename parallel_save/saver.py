@@ -1,60 +1,50 @@
 """Saving: QEMU's three phases, setup, iterate and complete.
 
 The Saver decides what to save (which pages each pass covers) and when the
-file may claim to be complete; the channels (channels.py, workers/) move
-the bytes; format.py says where they go.  The ordering that makes a save
+file may claim to be complete; the channel group (channels.py) moves the
+bytes and owns the wire; imagefile.py creates the file and puts it in
+place; format.py says where the bytes go.  The ordering that makes a save
 trustworthy lives here:
 
 1. setup writes the header and records; nothing claims completeness yet;
 2. every pass waits for all channels before it returns (invariant 3);
 3. complete syncs the pages, then writes the bitmaps, then the RAM END,
-   EOF and description, syncs again, and only then renames the file into
-   place.  A save that stops anywhere before leaves no END: it can never be
-   loaded as if it had completed (invariant 5), and an older image at the
-   same path is not touched.
+   EOF and description, syncs again, and only then gives the file the
+   image's name.  A save that stops anywhere before leaves no END: it can
+   never be loaded as if it had completed (invariant 5), and an older image
+   at the same path is not touched.
 
 A save that fails, however it fails (a channel raises or dies, the disk
-fills, Ctrl-C), stops every channel, then cuts its file back to what setup
-wrote: a small incomplete image that holds no pages, so a full disk gets
-its space back.
+fills, Ctrl-C), stops every channel, then leaves the older image, or
+nothing: its unnamed file goes away.  Saving in place, it cuts the file
+back to what setup wrote: a small incomplete image that holds no pages.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Self
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .blocks import RamBlock
-from .channels import ChannelGroup, deal_chunks
-from .control import (
-    BYTES_WRITTEN,
-    CHUNK_PAGES,
-    PAGES_DONE,
-    PAGES_WRITTEN,
-    UNCHANGED_PAGES,
-    ZERO_PAGES,
-)
-from .directio import check_direct_io
-from .errors import BlockError, DirectIOError, SaveStateError
+from .channels import ChannelGroup, choose_start_method
+from .errors import BlockError, ImageWriteError, OptionError, SaveStateError
 from .format import encode_setup, encode_tail, plan_layout
+from .imagefile import ImageFile
 from .signals import signals_deferred
-from .stats import ChannelStats, PassStats, SaveStats, StatusBoard
-from .tracking import DirtyTracker, count_dirty, merge_dirty
-from .tracking.hashing import draw_keys
+from .stats import PassStats, SaveStats, StatusBoard
+from .tracking import DirtyTracker, HashTracker, merge_dirty
 
 MAX_CHANNELS = 64
 
 # progress(phase, pages handled in this pass, pages to handle in this pass)
 ProgressCallback = Callable[[str, int, int], None]
 DirtySet = Mapping[str, Any] | DirtyTracker | None
-TRACKERS = (None, "hash")
 # Saver.run's default: stop iterating once at most this share of the pages
 # is dirty.
 DIRTY_FRACTION_LIMIT = 0.01
@@ -63,7 +53,7 @@ DIRTY_FRACTION_LIMIT = 0.01
 def check_channels(channels: int) -> int:
     if not isinstance(channels, int) or isinstance(channels, bool) \
             or not 1 <= channels <= MAX_CHANNELS:
-        raise ValueError(f"channels must be an integer from 1 to {MAX_CHANNELS}, "
+        raise OptionError(f"channels must be an integer from 1 to {MAX_CHANNELS}, "
                          f"not {channels!r}")
     return channels
 
@@ -103,14 +93,6 @@ _STATE_WORDS = {
 }
 
 
-def _fsync_directory(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Saver:
     """Save RAM blocks to ``path`` as a QEMU mapped-ram migration stream.
 
@@ -125,28 +107,32 @@ class Saver:
     ``dirty`` maps block names to bool arrays (True = the page changed);
     ``None`` means every page; a tracker (:class:`DirtyLog`,
     :class:`UffdTracker`) means what it collects now.  ``tracker="hash"``
-    makes every pass hash the pages it looks at and write only those whose
-    hash changed since the file got them (no cooperation from writers:
-    tracking/hashing.py).  :meth:`run` does a whole live save.
+    (or a :class:`HashTracker`) makes every pass hash the pages it looks
+    at and write only those whose hash changed since the file got them (no
+    cooperation from writers: tracking/hashing.py); any other tracker given
+    here is the default of :meth:`run`, which does a whole live save.
     ``sync=False`` skips fdatasync (QEMU does not sync either; use it to
     compare).  ``start`` places the stream at a byte offset inside an
     existing file (QEMU's ``file:PATH,offset=N``); bytes before it are left
     alone.
 
-    Unless ``in_place`` (or ``start``) is given, the save writes a hidden
-    temporary file beside ``path`` (beside the file it leads to, if it is a
-    symbolic link) and renames it over that file once complete, so a failed
-    save never destroys an older image.  With
-    ``in_place`` the file is truncated at setup: a failed save leaves an
-    incomplete image there, never a stale complete one.  When there is no
-    older image, a failed save leaves an incomplete one at ``path`` too
-    (``open_image`` raises :class:`IncompleteImageError` for it), cut back
-    to its headers so that it takes no space.
+    Unless ``in_place`` (or ``start``) is given, the save writes an unnamed
+    file in ``path``'s directory and gives it the name once complete
+    (imagefile.py), so a failed save leaves the older image, or nothing.
+    With ``in_place`` the file is cut at setup: a failed save leaves an
+    incomplete image there, never a stale complete one.  ``path`` is taken
+    as given: a symbolic link or a special file there is refused unless
+    ``follow_symlinks``.  The image is created with ``mode`` (default 0600:
+    it holds memory), or the mode and owner of the image it replaces.
+    ``start_method`` ("fork", "forkserver", "spawn") says how channels are
+    started; by default fork, or forkserver once the process has threads.
 
-    Every failure raises: :class:`ChannelError` when a channel raised (the
-    cause names the file and the error, such as "No space left on
-    device") or died (how: "was killed by SIGKILL"), ``OSError`` naming the
-    file when the coordinator's own write, sync or rename fails,
+    Every failure raises a :class:`ParallelSaveError`: :class:`ChannelError`
+    when a channel raised (the cause names the file and the error, such as
+    "No space left on device") or died (how: "was killed by SIGKILL"),
+    :class:`ImageWriteError` (also an ``OSError``, with its ``errno``)
+    naming the file when the coordinator's own write, sync or rename fails,
+    :class:`DestinationError` for a path that cannot be written safely,
     :class:`SaveStateError` for a call out of order, :class:`BlockError` for
     a bad dirty set (refused before anything happens; the saver stays
     usable).  Any other failure leaves the saver ``failed``: only ``close``
@@ -157,13 +143,19 @@ class Saver:
 
     def __init__(self, path: str | os.PathLike, blocks: Sequence[RamBlock], channels: int = 4,
                  direct_io: bool = False, machine: str = "none", *, sync: bool = True,
-                 start: int = 0, in_place: bool = False,
+                 start: int = 0, in_place: bool = False, mode: int | None = None,
+                 follow_symlinks: bool = False, start_method: str | None = None,
                  status_board: str | bool | None = None,
                  on_progress: ProgressCallback | None = None,
                  description: Mapping[str, Any] | None = None,
-                 tracker: str | None = None) -> None:
-        if tracker not in TRACKERS:
-            raise ValueError(f"tracker must be one of {TRACKERS}, not {tracker!r}")
+                 tracker: DirtyTracker | str | None = None) -> None:
+        if tracker == "hash":
+            tracker = HashTracker()
+        if tracker is not None and not isinstance(tracker, DirtyTracker):
+            raise OptionError(f"tracker must be a DirtyTracker (DirtyLog, UffdTracker, "
+                             f"HashTracker) or 'hash', not {tracker!r}")
+        if mode is not None and (not isinstance(mode, int) or not 0 <= mode <= 0o7777):
+            raise OptionError(f"mode must be a file mode such as 0o600, not {mode!r}")
         self.tracker = tracker
         self.path = os.fspath(path)
         self.blocks = check_blocks(blocks)
@@ -171,6 +163,9 @@ class Saver:
         self.direct_io = bool(direct_io)
         self.sync = bool(sync)
         self.in_place = bool(in_place) or start > 0
+        self.mode = mode
+        self.follow_symlinks = bool(follow_symlinks)
+        self.start_method = choose_start_method(start_method)
         self.layout = plan_layout(((b.name, b.length) for b in self.blocks), machine,
                                   start=start)
         self.on_progress = on_progress
@@ -178,10 +173,7 @@ class Saver:
         self._status_name = status_board
         self.stats = SaveStats(self.path, self.channels, self.direct_io, self.sync)
         self.state = "new"
-        self.write_path = self.path
-        # The file that a complete save renames its partial file over.
-        self._replacing: str | None = None
-        self._fd: int | None = None
+        self._file: ImageFile | None = None
         self._group: ChannelGroup | None = None
         self._board: StatusBoard | None = None
 
@@ -212,17 +204,20 @@ class Saver:
         started = time.perf_counter()
         if self._status_name:
             self._board = StatusBoard(None if self._status_name is True else self._status_name)
-        self._open_file()
+        self._file = ImageFile(self.path, in_place=self.in_place, mode=self.mode,
+                               follow_symlinks=self.follow_symlinks, direct_io=self.direct_io)
+        if self.in_place:
+            self._cut_in_place()
         # The header goes first: from here on a failure leaves an image
         # that reads as incomplete, not an empty file.
         self._write_setup()
+        hashing = isinstance(self.tracker, HashTracker)
         self._group = ChannelGroup.launch(
-            self.channels, self.write_path, writing=True, direct_io=self.direct_io,
-            sources=[b.source for b in self.blocks],
+            self.channels, self._file.channel_fd, self.path, writing=True,
+            direct_io=self.direct_io, sources=[b.source for b in self.blocks],
             pages_offsets=[b.pages_offset for b in self.layout.blocks],
-            hashing=self.tracker == "hash")
-        if self.tracker == "hash":
-            self._group.control.hash_keys[:] = draw_keys()
+            hash_keys=self.tracker.draw_keys() if hashing else None,
+            start_method=self.start_method)
         self.stats.phases["setup"] = time.perf_counter() - started
         self.state = "setup"
         self.stats.status = "active"
@@ -248,36 +243,35 @@ class Saver:
         self.state = "failed"
         started = time.perf_counter()
         self._pass("complete", pages)
-        group = self._group
-        merged = group.control.merged_file_bitmap()
+        bitmaps = [self._group.file_bitmap(index) for index in range(len(self.layout.blocks))]
         if self.sync:
+            self._phase("sync")
             self._on_file(os.fdatasync)  # the pages are on disk before the bitmaps claim them
-        for index, block in enumerate(self.layout.blocks):
-            self._pwrite(group.control.block_bits(merged, index).tobytes(),
-                         block.bitmap_offset)
-        if self.sync and not self._replacing:
+        for bits, block in zip(bitmaps, self.layout.blocks):
+            self._pwrite(bits.tobytes(), block.bitmap_offset)
+        if self.sync and self.in_place:
             # Written in place, the file is never renamed: the bitmaps must
             # be on disk before the END that makes them count.
             self._on_file(os.fdatasync)
-        self.stats.pages_present = int(np.unpackbits(merged).sum())
-        iterate_passes = sum(1 for _ in self.stats.passes) - 1
-        tail = encode_tail(self.layout, iterate_passes, self._description(merged))
+        present = [int(np.unpackbits(bits).sum()) for bits in bitmaps]
+        self.stats.pages_present = sum(present)
+        iterate_passes = len(self.stats.passes) - 1
+        tail = encode_tail(self.layout, iterate_passes, self._description(present))
         self._pwrite(tail, self.layout.tail_offset)
         self._on_file(os.ftruncate, self.layout.tail_offset + len(tail))
         if self.sync:
             self._on_file(os.fdatasync)
-        # Renamed and completed, or neither: a Ctrl-C in between would have
-        # close() cut back a file that is already in place.
+        # Named and completed, or neither: a Ctrl-C in between would have
+        # close() discard a file that is already in place.
+        self._phase("rename")
         with signals_deferred():
-            renamed = self._replacing
-            if renamed:
-                os.rename(self.write_path, renamed)
-                self.write_path, self._replacing = renamed, None
+            try:
+                self._file.commit(self.sync)
+            except OSError as error:
+                raise ImageWriteError(error.errno, error.strerror, self.path) from None
             self.stats.status = "completed"
             self.state = "completed"
         try:
-            if renamed and self.sync:
-                _fsync_directory(renamed)
             self.stats.phases["complete"] = time.perf_counter() - started
             self._publish()
         finally:
@@ -299,11 +293,11 @@ class Saver:
                                                 + self._group.bytes_received)
                     self._group = None
             finally:
-                if not completed and self._fd is not None:
-                    self._abandon()
-                if self._fd is not None:
-                    os.close(self._fd)
-                    self._fd = None
+                if self._file is not None:
+                    if not completed:
+                        self._abandon()
+                    self._file.discard()
+                    self._file = None
                 if not completed and self.state != "new":
                     self.stats.status = "failed"
                 if self._board is not None:
@@ -313,6 +307,17 @@ class Saver:
                 self.state = "closed"
 
     # --- helpers ---
+
+    @property
+    def write_path(self) -> str | None:
+        """A path to the file being written (None before setup): ``path``
+        in place, else the file's descriptor under /proc, since it has no
+        name until it is complete."""
+        if self._file is None:
+            return None
+        if self.in_place:
+            return self.path
+        return f"/proc/{os.getpid()}/fd/{self._file.fd}"
 
     @property
     def status_board(self) -> str | None:
@@ -325,82 +330,42 @@ class Saver:
             raise SaveStateError(f"cannot {action}: the saver of {self.path} is "
                                  f"{_STATE_WORDS[self.state]}")
 
-    def _open_file(self) -> None:
-        if self.in_place:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            self._check_direct_io()  # before the truncation below destroys anything
-            # Drop any older stream here, so that a failure leaves no stale END.
-            self._on_file(os.ftruncate, self.layout.start)
-        else:
-            # Beside the file the path leads to, so that the rename is atomic
-            # and a symbolic link keeps pointing at the image.
-            target = os.path.realpath(self.path)
-            directory, name = os.path.split(target)
-            partial = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:8]}.partial")
-            self._fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            self.write_path, self._replacing = partial, target
-            self._check_direct_io()
-
-    def _check_direct_io(self) -> None:
-        """Refuse O_DIRECT before anything is written: on failure the
-        temporary file goes away and nothing is left at the path."""
-        if not self.direct_io:
-            return
-        try:
-            check_direct_io(self.write_path, writable=True, shown=self.path)
-        except DirectIOError:
-            os.close(self._fd)
-            self._fd = None
-            if self._replacing is not None:
-                os.unlink(self.write_path)
-                self.write_path, self._replacing = self.path, None
-            raise
+    def _cut_in_place(self) -> None:
+        """Drop an older stream in the file before writing ours, so that a
+        failure leaves no stale END.  The file is cut just past where our
+        setup goes, never to nothing: a save killed right after the cut
+        leaves the old header's start, which reads as an incomplete image,
+        not as "not an image"."""
+        setup_end = max(offset + len(data) for offset, data in encode_setup(self.layout))
+        if os.fstat(self._file.fd).st_size > setup_end:
+            self._on_file(os.ftruncate, setup_end)
 
     def _write_setup(self) -> None:
         for offset, data in encode_setup(self.layout):
             self._pwrite(data, offset)
 
     def _abandon(self) -> None:
-        """A save that failed, its channels stopped: cut the file back to
-        what setup wrote (no END, no pages).  A partial file then replaces
-        nothing: it is removed when an older image exists, else renamed to
-        ``path`` to say that a save was tried and failed.  What cannot be
-        cleaned up is reported with a warning, never raised over the error
-        that made the save fail."""
-        target = self._replacing
+        """A save that failed, its channels stopped.  A new file is simply
+        dropped (ImageFile.discard); one written in place is cut back to
+        what setup wrote: no END, no pages.  What cannot be cleaned up is
+        reported with a warning, never raised over the error that made the
+        save fail."""
+        if not self.in_place:
+            return
         try:
             self._on_file(os.ftruncate, self.layout.start)
             self._write_setup()
-            reset = True
         except OSError as error:
-            reset = False
-            if target is None:
-                warnings.warn(f"{self.path}: the failed save could not cut the file "
-                              f"back to an empty image: {error}", RuntimeWarning,
-                              stacklevel=3)
-        if target is None:
-            return
-        try:
-            # Renamed only when sure to read as incomplete: the reset may
-            # have failed after complete wrote END.
-            if reset and not os.path.lexists(target):
-                os.rename(self.write_path, target)
-            else:
-                os.unlink(self.write_path)
-        except FileNotFoundError:
-            pass  # the directory went away, and the partial file with it
-        except OSError as error:
-            warnings.warn(f"{self.write_path}: the failed save's partial file could "
-                          f"not be removed: {error}", RuntimeWarning, stacklevel=3)
-        self.write_path, self._replacing = target, None
+            warnings.warn(f"{self.path}: the failed save could not cut the file "
+                          f"back to an empty image: {error}", RuntimeWarning, stacklevel=3)
 
     def _on_file(self, call: Callable[..., Any], *args: Any) -> Any:
         """``call(fd, *args)`` on the image file; its error names the file,
         which errors of calls on a bare descriptor do not."""
         try:
-            return call(self._fd, *args)
+            return call(self._file.fd, *args)
         except OSError as error:
-            raise OSError(error.errno, error.strerror, self.write_path) from None
+            raise ImageWriteError(error.errno, error.strerror, self.path) from None
 
     def _pwrite(self, data: bytes, offset: int) -> None:
         view = memoryview(data)
@@ -410,7 +375,7 @@ class Saver:
 
     def _check_tracker(self, tracker: DirtyTracker) -> None:
         expected = {b.name: b.pages for b in self.blocks}
-        if tracker.block_pages != expected:
+        if tracker.block_pages is not None and tracker.block_pages != expected:
             raise BlockError(f"the tracker follows blocks {tracker.block_pages} (name: "
                              f"pages), the save has {expected}")
 
@@ -447,71 +412,37 @@ class Saver:
             checked.append(pages)
         return checked
 
-    def _load_dirty(self, dirty: list[np.ndarray | None]) -> int:
-        """Pack the pass's checked dirty set into the control segment;
-        returns the number of dirty pages."""
-        control = self._group.control
-        total = 0
-        for index, pages in enumerate(dirty):
-            bits = control.block_bits(control.pass_bitmap, index)
-            if pages is None:
-                bits[:] = 0
-                continue
-            packed = np.packbits(pages, bitorder="little")
-            bits[:packed.size] = packed
-            bits[packed.size:] = 0
-            total += int(np.count_nonzero(pages))
-        return total
-
-    def _dirty_chunks(self) -> np.ndarray:
-        control = self._group.control
-        bytes_per_chunk = CHUNK_PAGES // 8
-        found = []
-        for index, base in enumerate(control.layout.chunk_bases):
-            bits = control.block_bits(control.pass_bitmap, index)
-            chunks = -(-bits.size // bytes_per_chunk)
-            padded = np.zeros(chunks * bytes_per_chunk, dtype=np.uint8)
-            padded[:bits.size] = bits
-            found.append(base + np.flatnonzero(padded.reshape(chunks, -1).any(axis=1)))
-        return np.concatenate(found)
-
     def _pass(self, phase: str, dirty: list[np.ndarray | None]) -> PassStats:
         started = time.perf_counter()
-        group = self._group
-        dirty_pages = self._load_dirty(dirty)
-        counters = group.control.counters
-        before = counters.sum(axis=0)
-        shards = deal_chunks(self._dirty_chunks(), self.channels)
 
-        def progress() -> None:
-            done = int(counters[:, PAGES_DONE].sum() - before[PAGES_DONE])
+        def progress(done: int, total: int) -> None:
             if self.on_progress is not None:
-                self.on_progress(phase, done, dirty_pages)
-            self._publish(phase=phase, pass_pages_done=done, pass_pages=dirty_pages)
+                self.on_progress(phase, done, total)
+            self._publish(phase=phase, pass_pages_done=done, pass_pages=total)
 
-        group.run_pass([("save", shard) for shard in shards], progress)
-        progress()
-        after = counters.sum(axis=0)
-        delta = after - before
-        result = PassStats(len(self.stats.passes) + 1, dirty_pages,
-                           int(delta[PAGES_WRITTEN]), int(delta[ZERO_PAGES]),
-                           int(delta[BYTES_WRITTEN]), time.perf_counter() - started,
-                           int(delta[UNCHANGED_PAGES]))
+        counts = self._group.save_pass(dirty, progress)
+        dirty_pages = sum(int(np.count_nonzero(d)) for d in dirty if d is not None)
+        result = PassStats(len(self.stats.passes) + 1, dirty_pages, counts.pages_written,
+                           counts.zero_pages, counts.bytes_written,
+                           time.perf_counter() - started, counts.pages_unchanged)
         self.stats.passes.append(result)
-        self.stats.channel_stats = [ChannelStats.from_row(i, row)
-                                    for i, row in enumerate(counters)]
+        self.stats.channel_stats = self._group.channel_stats()
         self._publish(phase=phase)  # observers see the pass counted at once
         return result
 
-    def _description(self, merged: np.ndarray) -> dict[str, Any]:
+    def _phase(self, phase: str) -> None:
+        """Tell the progress display that a step without pages began."""
+        if self.on_progress is not None:
+            self.on_progress(phase, 0, 0)
+        self._publish(phase=phase)
+
+    def _description(self, present: list[int]) -> dict[str, Any]:
         """Our metadata after EOF; QEMU reads past it."""
-        control = self._group.control
         blocks = []
-        for index, block in enumerate(self.layout.blocks):
-            present = int(np.unpackbits(control.block_bits(merged, index)).sum())
+        for count, block in zip(present, self.layout.blocks):
             blocks.append({"name": block.name, "length": block.length,
-                           "pages": block.pages, "pages_present": present,
-                           "pages_zero": block.pages - present})
+                           "pages": block.pages, "pages_present": count,
+                           "pages_zero": block.pages - count})
         return {"parallel_save": {
             "version": __version__, "machine": self.layout.machine,
             "blocks": blocks, "channels": self.channels, "direct_io": self.direct_io,
@@ -546,41 +477,39 @@ class Saver:
         pass.  Returns the save's stats;
         ``stats.passes`` has each pass's dirty pages and seconds.
 
-        ``tracker`` is a :class:`DirtyLog` or an :class:`UffdTracker`; or
-        None with ``Saver(..., tracker="hash")``, where every pass looks at
-        every page and the count that must fall under the limit is the
-        pages the last pass found changed.
+        ``tracker`` is any :class:`DirtyTracker` (a :class:`DirtyLog`, an
+        :class:`UffdTracker`), by default the one the Saver was made with.
+        With a :class:`HashTracker` every pass looks at every page, and the
+        count that must fall under the limit is the pages the last pass
+        found changed.
         """
-        if tracker is None and self.tracker != "hash":
-            raise ValueError("run needs a tracker (a DirtyLog or an UffdTracker), or a "
-                             "Saver made with tracker='hash'")
+        tracker = tracker if tracker is not None else self.tracker
+        if tracker is None:
+            raise OptionError("run needs a tracker (a DirtyLog or an UffdTracker), or "
+                              "a Saver made with tracker='hash'")
+        if isinstance(tracker, HashTracker) and not isinstance(self.tracker, HashTracker):
+            raise OptionError("a HashTracker works in the channels: give it to the "
+                              "Saver (tracker=...), not only to run")
         if not isinstance(max_passes, int) or max_passes < 1:
-            raise ValueError(f"max_passes must be a whole number of at least 1, "
-                             f"not {max_passes!r}")
+            raise OptionError(f"max_passes must be a whole number of at least 1, "
+                                 f"not {max_passes!r}")
         if dirty_pages_limit is None:
             dirty_pages_limit = int(sum(b.pages for b in self.blocks) * DIRTY_FRACTION_LIMIT)
-        if tracker is not None:
-            self._check_tracker(tracker)
+        self._check_tracker(tracker)
         if self.state == "new":
             self.setup()
-        if tracker is not None:
-            tracker.start()
+        tracker.start()
         result = self.iterate()
         collected = None  # dirty pages collected but not saved yet
         for _ in range(max_passes - 1):
-            if tracker is None:
-                dirty_pages = result.dirty_pages - result.pages_unchanged
-            else:
-                collected = tracker.collect()
-                dirty_pages = count_dirty(collected)
+            collected = tracker.collect()
+            dirty_pages = tracker.pages_left(collected, result)
             if dirty_pages <= dirty_pages_limit:
                 break
             result = self.iterate(collected)
             collected = None
         if stop_writers is not None:
             stop_writers()
-        if tracker is None:
-            return self.complete()
         last = tracker.collect(final=True)
         return self.complete(last if collected is None else merge_dirty(collected, last))
 

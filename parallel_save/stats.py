@@ -4,20 +4,22 @@ and the status board that publishes them to other processes.
 Channels only add to their own row of counters in the control segment;
 the coordinator turns those rows into these records and is the single
 writer of the status board (shared-memory-dict loses updates with two
-writers and copies the whole dict on every operation: DESIGN.md).
+writers and copies the whole dict on every operation: docs/DESIGN.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import uuid
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from . import control as c
+from .artifacts import SEGMENT_DIR, check_ours, segment_name
+from .errors import ParallelSaveError
 
 
 @dataclass(frozen=True)
@@ -129,26 +131,45 @@ class RestoreStats:
 
 class StatusBoard:
     """A shared-memory-dict that observers (a progress display, another
-    process) read by name; only the coordinator writes it."""
+    process) read by name; only the coordinator writes it.
+
+    It holds JSON, never pickle: whoever reads it runs no code of the
+    writer's.  Its segment is created here exclusively, mode 0600, so a
+    name that someone else created first is refused, never taken over; a
+    reader checks that the segment is ours before reading it."""
 
     SIZE = 64 * 1024
-    # Boards this process publishes: read_status must not unregister them
-    # from our own resource tracker, which owns them.
-    published: ClassVar[set[str]] = set()
 
     def __init__(self, name: str | None = None) -> None:
         from shared_memory_dict import SharedMemoryDict
+        from shared_memory_dict.serializers import JSONSerializer
 
-        self.name = name or f"parallel-save-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self._board = SharedMemoryDict(name=self.name, size=self.SIZE)
-        StatusBoard.published.add(self.name)
+        self.name = check_board_name(name) if name else segment_name("board")
+        path = board_path(self.name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise ParallelSaveError(f"status board {self.name!r}: {path} exists already "
+                                    f"(another save's board, or planted); choose another "
+                                    f"name") from None
+        try:
+            os.ftruncate(fd, self.SIZE)
+            # Attached by name right after we made it: in a sticky /dev/shm
+            # no one else can remove or replace our file meanwhile.
+            self._board = SharedMemoryDict(name=self.name, size=self.SIZE,
+                                           serializer=JSONSerializer())
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
 
     def publish(self, **values: Any) -> None:
-        # One update per publish: every operation re-pickles the whole dict.
+        # One update per publish: every operation re-serialises the whole dict.
         self._board.update(values)
 
     def close(self) -> None:
-        StatusBoard.published.discard(self.name)
         segment = self._board.shm
         self._board.cleanup()
         try:
@@ -157,23 +178,41 @@ class StatusBoard:
             pass
 
 
-def read_status(name: str) -> dict[str, Any]:
-    """What the coordinator last published on the board ``name``."""
-    from multiprocessing import resource_tracker
+def check_board_name(name: str) -> str:
+    if not isinstance(name, str) or not 0 < len(name) <= 200 or "/" in name \
+            or name in (".", "..") or not name.isprintable():
+        raise ParallelSaveError(f"{name!r} is not a status board name (up to 200 "
+                                f"printable characters, no '/')")
+    return name
 
-    from shared_memory_dict import SharedMemoryDict
+
+def board_path(name: str) -> str:
     from shared_memory_dict.templates import MEMORY_NAME
 
-    segment = MEMORY_NAME.format(name=name)
-    if not os.path.exists(os.path.join(c.SEGMENT_DIR, segment)):
-        raise FileNotFoundError(f"no status board named {name!r} (is the save running?)")
-    board = SharedMemoryDict(name=name, size=StatusBoard.SIZE)
-    # Python < 3.13 registers even an attached segment with this process's
-    # resource tracker, which would unlink the board when we exit
-    # (CPython gh-82300): an observer must not destroy what it observes.
-    if name not in StatusBoard.published:
-        resource_tracker.unregister(board.shm._name, "shared_memory")
+    return os.path.join(SEGMENT_DIR, MEMORY_NAME.format(name=name))
+
+
+def read_status(name: str) -> dict[str, Any]:
+    """What the coordinator last published on the board ``name``: read
+    through one descriptor, from a segment of ours, as JSON."""
+    path = board_path(check_board_name(name))
     try:
-        return dict(board)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ParallelSaveError(f"no status board named {name!r} (is the save "
+                                f"running?)") from None
+    except OSError as error:
+        raise ParallelSaveError(f"{path}: cannot open the status board: "
+                                f"{error.strerror}") from None
+    try:
+        check_ours(fd, path, "status board")
+        raw = os.pread(fd, StatusBoard.SIZE, 0)
     finally:
-        board.cleanup()
+        os.close(fd)
+    try:
+        board = json.loads(raw.split(b"\0", 1)[0] or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise ParallelSaveError(f"{path}: not a status board (not JSON)") from None
+    if not isinstance(board, dict):
+        raise ParallelSaveError(f"{path}: not a status board (not a JSON object)")
+    return board

@@ -86,8 +86,8 @@ def image(ram, tmp_path) -> Path:
 
 
 def incomplete_image(path: Path, block: ps.RamBlock) -> Path:
-    """What a save that stopped after its first pass leaves behind."""
-    saver = ps.Saver(path, [block], channels=2)
+    """What a save in place that stopped after its first pass leaves behind."""
+    saver = ps.Saver(path, [block], channels=2, in_place=True)
     with saver:
         saver.setup()
         saver.iterate()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import parallel_save as ps
-from parallel_save.blocks import attach
+from parallel_save.blocks import BlockMapping
 from parallel_save.format import PAGE_SIZE
 from parallel_save.tracking.dirtylog import ACTIVE_OFFSET
 from parallel_save.tracking.hashing import PageHasher, draw_keys
@@ -67,7 +67,7 @@ def change_pages(pages: np.ndarray, rng: np.random.Generator, count: int,
 def write_process(source, log_name: str | None, seed: int, started, stop) -> None:
     """A writer process: maps the block itself, writes until ``stop``, and
     marks each write in the dirty log (when given one) after writing it."""
-    _, array = attach(source, writable=True)
+    array = BlockMapping(source, writable=True).array
     log = ps.DirtyLog.attach(log_name) if log_name else None
     write_until(array.reshape(-1, PAGE_SIZE), log, seed, started, stop)
 
@@ -370,8 +370,9 @@ def test_hash_tracker_clears_the_bit_of_a_page_turned_zero(shm, tmp_path):
 
 
 def test_saver_refuses_an_unknown_tracker(shm, tmp_path):
-    with pytest.raises(ValueError, match=r"tracker must be one of \(None, 'hash'\), "
-                                         r"not 'crc'"):
+    with pytest.raises(ps.OptionError, match=r"tracker must be a DirtyTracker \(DirtyLog, "
+                                             r"UffdTracker, HashTracker\) or 'hash', "
+                                             r"not 'crc'"):
         ps.Saver(tmp_path / "vm.img", [shm.block("ram0", 4)], tracker="crc")
 
 

@@ -1,43 +1,51 @@
 """A channel: one worker process of a save or restore, like a QEMU multifd
 channel.
 
-It maps the RAM blocks and the control segment itself, opens the image
-file itself (with O_DIRECT when asked), then loops over small messages from
-the coordinator: each names a pass and the chunks to handle.  Page bytes
-go straight between the shared mappings and the file; nothing but chunk
-numbers and one-line replies crosses the pipe.
+It is handed two descriptors over its connection, the image file the
+coordinator opened and checked (already with O_DIRECT when asked) and the
+control segment, maps the RAM blocks itself, then loops over small
+messages from the coordinator: each names a pass and the chunks to handle
+(the vocabulary is in parallel_save/control.py).  Page bytes go straight
+between the shared mappings and the file; nothing but chunk numbers and
+one-line replies crosses the pipe.
 
-Messages (pickled tuples):
-    ("save", chunks)               write the dirty pages of these chunks
-    ("restore", chunks, zero)      read the present pages, zero the rest if `zero`
-    ("stop",)                      close everything and exit
-Replies: ("ready",) once attached, ("done",) per pass, ("error", text, errno).
+A channel never outlives its coordinator, whatever thread started it and
+however the coordinator ends: it watches the coordinator's pidfd from its
+first instructions on, and kills itself when that process is gone.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import faulthandler
 import mmap
 import os
 import pickle
+import select
 import signal
+import threading
 import time
 
 import numpy as np
+from multiprocess import reduction
 
-from parallel_save.blocks import attach
+from parallel_save.blocks import BlockMapping
 from parallel_save.control import (
     BUSY_NS,
     BYTES_WRITTEN,
     CHUNK_PAGES,
+    DONE,
+    ERROR,
     HASH_LANES,
     PAGES_DONE,
     PAGES_READ,
     PAGES_WRITTEN,
     PAGES_ZEROED,
+    READY,
+    RESTORE,
+    SAVE,
     SHARDS_DONE,
+    STOP,
     UNCHANGED_PAGES,
     WRITE_CALLS,
     ZERO_PAGES,
@@ -48,24 +56,37 @@ from parallel_save.format import PAGE_SIZE, bit_runs
 from parallel_save.tracking.hashing import PageHasher
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
-_PR_SET_PDEATHSIG = 1
 # madvise advice (Linux >= 5.14): fault a range of pages in with one call.
 _MADV_POPULATE_READ = 22
 _MADV_POPULATE_WRITE = 23
 
 
-def _die_with_parent() -> None:
-    """Ask the kernel to kill us if the coordinator dies, so that even a
-    SIGKILLed coordinator leaves no channel behind."""
+def die_with_coordinator(plan: ChannelPlan) -> None:
+    """Kill this process as soon as the coordinator process is gone.
+
+    Not PR_SET_PDEATHSIG: that follows the *thread* that forked us, so a
+    save set up in a short-lived thread would lose its channels when the
+    thread ends.  A pidfd is about the process, and becomes readable when
+    it exits.  Checking our parent after opening it closes the race with a
+    coordinator that died (and whose pid was reused) before we got here."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+        pidfd = os.pidfd_open(plan.coordinator)
+    except ProcessLookupError:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if plan.forked and os.getppid() != plan.coordinator:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch() -> None:
+        select.select([pidfd], [], [])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="coordinator watch", daemon=True).start()
 
 
 # A channel handles its chunks a window at a time: every numpy call then
 # covers up to 16 chunks (32 MiB), so a sparse pass (1 % dirty) costs a
-# few calls per window instead of a dozen per chunk.
+# few calls per window instead of a dozen per chunk.  Windows are whole
+# chunks, so a window's bits are whole bytes of the bitmaps.
 WINDOW_PAGES = 16 * CHUNK_PAGES
 # The longest single pwrite/pread: large enough to stream, small enough to
 # report progress and to keep one call from holding the file for long.
@@ -78,6 +99,8 @@ MAX_SLICED_RUNS = 16
 # With the hash tracker, windows of 4 MiB: each is copied to private
 # memory, and hashing dwarfs the per-window numpy calls anyway.
 HASH_WINDOW_PAGES = 2 * CHUNK_PAGES
+if WINDOW_PAGES % CHUNK_PAGES or HASH_WINDOW_PAGES % CHUNK_PAGES:
+    raise ImportError("a channel's windows must be whole chunks")
 
 
 def nonzero_pages(words: np.ndarray, pages: np.ndarray,
@@ -137,25 +160,22 @@ def _pread(fd: int, buffer: memoryview, offset: int) -> int:
 
 
 class Channel:
-    def __init__(self, number: int, plan: ChannelPlan) -> None:
+    def __init__(self, number: int, plan: ChannelPlan, image_fd: int, control_fd: int) -> None:
         self.number = number
         self.plan = plan
-        self.control = ControlSegment.attach(plan.control, plan.control_path)
+        self.fd = image_fd
+        self.control = ControlSegment.attach(plan.control, control_fd)
         self.counters = self.control.counters[number]
         self.file_bits = self.control.file_bitmaps[number]
-        self.mappings = []
+        self.blocks: list[BlockMapping] = []
         self.words = []  # each block as one row of uint64 per page
-        self.skips = []
         for source in plan.sources:
-            mapping, array = attach(source, writable=not plan.writing)
-            self.mappings.append(mapping)
-            self.words.append(array.view(np.uint64).reshape(-1, _WORDS_PER_PAGE))
-            self.skips.append(source.offset % mmap.ALLOCATIONGRANULARITY)
+            block = BlockMapping(source, writable=not plan.writing)
+            self.blocks.append(block)
+            self.words.append(block.array.view(np.uint64).reshape(-1, _WORDS_PER_PAGE))
         self.can_populate = True
-        flags = os.O_WRONLY if plan.writing else os.O_RDONLY
-        if plan.direct_io:
-            flags |= os.O_DIRECT
-        self.fd = os.open(plan.image_path, flags)
+        self.can_seek_holes = True
+        self.can_remove = True
         self.chunk_bases = np.asarray(plan.control.chunk_bases)
         self.block_pages = plan.control.block_pages
         self.bitmap_bases = plan.control.bitmap_bases
@@ -173,6 +193,9 @@ class Channel:
 
     def close(self) -> None:
         os.close(self.fd)
+        self.control.close()
+        for block in self.blocks:
+            block.close()
 
     def _windows(self, chunks: np.ndarray):
         """Group this channel's chunks (ascending) by block and window:
@@ -212,7 +235,7 @@ class Channel:
         if not self.can_populate or len(starts) > MAX_POPULATE_RUNS:
             return
         advice = _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ
-        mapping, skip = self.mappings[block], self.skips[block]
+        mapping, skip = self.blocks[block].mapping, self.blocks[block].skip
         try:
             for start, end in zip(starts.tolist(), ends.tolist()):
                 mapping.madvise(advice, skip + (first + start) * PAGE_SIZE,
@@ -220,22 +243,68 @@ class Channel:
         except OSError:
             self.can_populate = False  # an older kernel: let the pages fault
 
+    def _hole_pages(self, block: int, first: int, end: int) -> np.ndarray | None:
+        """Which pages [first, end) of a block lie wholly in holes of its
+        file (None: none, or the file system cannot say).  They are zero,
+        and reading them through the mapping would allocate them on tmpfs:
+        a sparse source stays sparse."""
+        if not self.can_seek_holes:
+            return None
+        fd, base = self.blocks[block].fd, self.plan.sources[block].offset
+        low, high = base + first * PAGE_SIZE, base + end * PAGE_SIZE
+        size = os.fstat(fd).st_size
+        if size < high:
+            # Beyond the end of the file is no hole: reading it is SIGBUS.
+            source = self.plan.sources[block]
+            raise OSError(errno.EFAULT, f"the block's file was cut short under the save "
+                          f"({size} bytes, its pages need {source.offset + source.length})",
+                          source.path)
+        holes = None
+        position = low
+        try:
+            while position < high:
+                try:
+                    data = os.lseek(fd, position, os.SEEK_DATA)
+                except OSError as error:
+                    if error.errno != errno.ENXIO:
+                        raise
+                    data = high  # nothing but hole up to the end of the file
+                if data > position:
+                    hole_first = -(-(position - low) // PAGE_SIZE)
+                    hole_end = (min(data, high) - low) // PAGE_SIZE
+                    if hole_end > hole_first:
+                        if holes is None:
+                            holes = np.zeros(end - first, dtype=bool)
+                        holes[hole_first:hole_end] = True
+                if data >= high:
+                    break
+                position = os.lseek(fd, data, os.SEEK_HOLE)
+        except OSError:
+            self.can_seek_holes = False
+            return None
+        return holes
+
     # --- save ---
 
     def save(self, chunks: np.ndarray) -> None:
         for block, first, end, own in self._windows(chunks):
             started = time.perf_counter_ns()
             dirty = self._unpack(self.control.pass_bitmap, block, first, end) & own
-            dirty_pages = np.flatnonzero(dirty)
+            all_dirty = dirty_pages = np.flatnonzero(dirty)
+            unchanged = 0
+            holes = None if self.hasher is not None else self._hole_pages(block, first, end)
+            if holes is not None:
+                # Pages in holes are zero pages: not read, not written.
+                dirty_pages = np.flatnonzero(dirty & ~holes)
             dirty_runs = page_runs(dirty_pages)
             self._populate(block, first, *dirty_runs, write=False)
             words = self.words[block][first:end]
-            unchanged = 0
             if self.hasher is not None:
                 words, dirty, changed = self._changed_pages(block, first, words, dirty_pages,
                                                             dirty_runs)
                 unchanged = dirty_pages.size - changed.size
-                dirty_pages, dirty_runs = changed, page_runs(changed)
+                all_dirty = dirty_pages = changed
+                dirty_runs = page_runs(changed)
             written = dirty_pages[nonzero_pages(words, dirty_pages, dirty_runs)]
             # This channel always handles these chunks, so its bits here are
             # the latest: written pages set, dirty pages found zero cleared.
@@ -253,11 +322,11 @@ class Channel:
                                     self.plan.pages_offsets[block] + first * PAGE_SIZE)
             row = self.counters
             row[PAGES_WRITTEN] += written.size
-            row[ZERO_PAGES] += dirty_pages.size - written.size
+            row[ZERO_PAGES] += all_dirty.size - written.size
             row[BYTES_WRITTEN] += nbytes
             row[WRITE_CALLS] += starts.size
             row[UNCHANGED_PAGES] += unchanged
-            row[PAGES_DONE] += dirty_pages.size + unchanged
+            row[PAGES_DONE] += all_dirty.size + unchanged
             row[SHARDS_DONE] += 1
             row[BUSY_NS] += time.perf_counter_ns() - started
 
@@ -315,7 +384,7 @@ class Channel:
                 total += high - low
         except OSError as error:
             raise OSError(error.errno, f"{error.strerror} ({verb} pages at offset "
-                          f"{base + low})", self.plan.image_path) from None
+                          f"{base + low})", self.plan.image_name) from None
         return total
 
     # --- restore ---
@@ -339,8 +408,7 @@ class Channel:
             self._spans_io(_pread, "reading", words, starts.tolist(), ends.tolist(), base)
             zeroed = 0
             if zero_clear:
-                for start, end in zip(clear_starts.tolist(), clear_ends.tolist()):
-                    words[start:end] = 0
+                self._zero(block, first, words, clear_starts.tolist(), clear_ends.tolist())
                 zeroed = int((clear_ends - clear_starts).sum())
             read = int((ends - starts).sum())
             row = self.counters
@@ -352,6 +420,23 @@ class Channel:
             row[BUSY_NS] += time.perf_counter_ns() - started
 
 
+    def _zero(self, block: int, first: int, words: np.ndarray, starts: list[int],
+              ends: list[int]) -> None:
+        """Make these runs of a window zero by giving their pages back to
+        the file (a hole reads as zero, and a sparse destination stays
+        sparse); by writing zeros where the file system cannot."""
+        mapping, skip = self.blocks[block].mapping, self.blocks[block].skip
+        for start, end in zip(starts, ends):
+            if self.can_remove:
+                try:
+                    mapping.madvise(mmap.MADV_REMOVE, skip + (first + start) * PAGE_SIZE,
+                                    (end - start) * PAGE_SIZE)
+                    continue
+                except OSError:
+                    self.can_remove = False
+            words[start:end] = 0
+
+
 def _describe(error: BaseException) -> str:
     if isinstance(error, OSError) and error.filename:
         return f"{error.filename}: {error.strerror}"
@@ -360,34 +445,36 @@ def _describe(error: BaseException) -> str:
 
 def channel_main(number: int, conn, plan: ChannelPlan) -> None:
     """The channel process's whole life."""
+    die_with_coordinator(plan)
     # Ctrl-C reaches the whole process group; the coordinator alone decides
     # how to stop, so a channel never dies half-way through a write on it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
     # A channel that dies of a signal (SIGBUS: its block's file was cut
     # short) is reported by the coordinator with the cause; a fault
     # handler inherited from the parent (pytest's) would only add a dump.
     faulthandler.disable()
     channel = None
     try:
-        channel = Channel(number, plan)
-        conn.send_bytes(pickle.dumps(("ready",)))
+        image_fd = reduction.recv_handle(conn)
+        control_fd = reduction.recv_handle(conn)
+        channel = Channel(number, plan, image_fd, control_fd)
+        conn.send_bytes(pickle.dumps((READY,)))
         while True:
             message = pickle.loads(conn.recv_bytes())
-            if message[0] == "stop":
+            if message[0] == STOP:
                 break
-            if message[0] == "save":
+            if message[0] == SAVE:
                 channel.save(message[1])
-            elif message[0] == "restore":
+            elif message[0] == RESTORE:
                 channel.restore(message[1], message[2])
             else:
                 raise ValueError(f"unknown message {message[0]!r}")
-            conn.send_bytes(pickle.dumps(("done",)))
+            conn.send_bytes(pickle.dumps((DONE,)))
     except (EOFError, BrokenPipeError):
         pass  # the coordinator is gone: nothing to report to
     except BaseException as error:  # noqa: BLE001 -- reported, then the coordinator stops us
         try:
-            conn.send_bytes(pickle.dumps(("error", _describe(error),
+            conn.send_bytes(pickle.dumps((ERROR, _describe(error),
                                          getattr(error, "errno", None))))
         except OSError:
             pass

@@ -59,16 +59,15 @@ import json
 import mmap
 import os
 import struct
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..artifacts import SEGMENT_DIR, check_ours, segment_name
 from ..blocks import RamBlock
-from ..control import SEGMENT_DIR
-from ..errors import BlockError
+from ..errors import BlockError, ParallelSaveError
 from ..format import PAGE_SIZE, round_up
-from . import DirtyPages, DirtyTracker, TrackingError, block_pages_of
+from .base import DirtyPages, DirtyTracker, TrackingError, block_pages_of
 
 MAGIC = b"PSDIRTY1"
 _HEADER = struct.Struct("<8sQQ")  # magic, total pages, table bytes
@@ -141,9 +140,10 @@ class DirtyLog(DirtyTracker):
         table = json.dumps(list(block_pages.items())).encode()
         total = sum(block_pages.values())
         size = _layout(total, len(table))[2]
-        name = f"parallel-save-{os.getpid()}-dirty-{uuid.uuid4().hex}"
+        name = segment_name("dirty")
         path = os.path.join(SEGMENT_DIR, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
         try:
             os.ftruncate(fd, size)
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED)
@@ -163,12 +163,18 @@ class DirtyLog(DirtyTracker):
             raise TrackingError(f"{name!r} is not a dirty log name (use log.name)")
         path = os.path.join(SEGMENT_DIR, name)
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise TrackingError(f"no dirty log named {name!r} (closed by its owner, "
                                 f"or never created)") from None
+        except OSError as error:
+            raise TrackingError(f"{path}: cannot open the dirty log: "
+                                f"{error.strerror}") from None
         try:
-            size = os.fstat(fd).st_size
+            try:
+                size = check_ours(fd, path, "dirty log").st_size
+            except ParallelSaveError as error:
+                raise TrackingError(str(error)) from None
             if size < TABLE_OFFSET:
                 raise TrackingError(f"{path} is not a dirty log (too short)")
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED)

@@ -34,6 +34,8 @@ import numpy as np
 from ..control import HASH_LANES as LANES
 from ..control import HASH_WORDS as WORDS
 from ..format import PAGE_SIZE
+from ..stats import PassStats
+from .base import DirtyPages, DirtyTracker
 
 # Pages widened to 64 bits at a time: 1 MiB of scratch, which stays in
 # the cache between the widening and the two products, and few enough
@@ -70,3 +72,24 @@ class PageHasher:
         out = np.empty((pages.nbytes // PAGE_SIZE, LANES), dtype=np.uint64)
         self.hash_into(pages, out)
         return out
+
+
+class HashTracker(DirtyTracker):
+    """The tracker that needs no cooperation: every pass looks at every
+    page, and the channels write only the pages whose keyed hash changed
+    since the file got them.  Give it to the Saver (``tracker=``): it works
+    inside the channels, with keys drawn fresh for each save."""
+
+    block_pages = None
+
+    def start(self) -> None:
+        pass  # the first pass writes every page anyway
+
+    def collect(self, final: bool = False) -> DirtyPages | None:
+        return None  # every page; the channels skip the unchanged ones
+
+    def pages_left(self, collected: DirtyPages | None, last_pass: PassStats) -> int:
+        return last_pass.dirty_pages - last_pass.pages_unchanged
+
+    def draw_keys(self) -> np.ndarray:
+        return draw_keys()

@@ -1,0 +1,192 @@
+"""The image file a save writes: who creates it, how, and how it takes the
+place of an older image.
+
+One file, one inode.  The file is opened once, here; the channels get its
+descriptor, never its path.  A new image is an unnamed file (O_TMPFILE)
+in the image's directory: until it is complete it has no name that anyone
+could swap, read or find left over after a crash.  Completing links it
+under a fresh hidden name and renames that over the image, then checks
+that the name now leads to this very file.  Where the file system has no
+O_TMPFILE, a hidden partial file is created exclusively beside the image
+(artifacts.py names it; a later ``clean`` removes it if this save dies).
+
+Files holding memory are created 0600 (``mode`` widens it); an image saved
+over an older one keeps the older one's mode and owner where it can.  The
+path is taken as given: a symbolic link or a special file (``/dev/null``)
+at it is refused unless ``follow_symlinks`` (then the link is resolved
+once, at the start).
+
+Replacing an older image frees it when its last link goes, which on some
+file systems takes longer than the save (ext4 with discard): the old file
+is held open across the rename and let go in a background thread, off the
+caller's critical path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+
+from .artifacts import partial_name
+from .directio import check_direct_io_fd
+from .errors import DestinationError
+
+DEFAULT_MODE = 0o600
+_KINDS = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory",
+          stat.S_IFLNK: "a symbolic link"}
+
+
+def file_kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _free_later(fd: int) -> None:
+    threading.Thread(target=os.close, args=(fd,), name="free old image", daemon=True).start()
+
+
+class ImageFile:
+    """The file being written, open once.  ``fd`` is for the coordinator's
+    own writes (headers, bitmaps), ``channel_fd`` for the channels (the
+    same file reopened with O_DIRECT when asked)."""
+
+    def __init__(self, path: str | os.PathLike, *, in_place: bool = False,
+                 mode: int | None = None, follow_symlinks: bool = False,
+                 direct_io: bool = False) -> None:
+        self.path = os.fspath(path)
+        target = os.path.realpath(self.path) if follow_symlinks else os.path.abspath(self.path)
+        directory, self.name = os.path.split(target)
+        self.in_place = in_place
+        self.fd = self.channel_fd = -1
+        self.partial: str | None = None  # the hidden name, without O_TMPFILE
+        try:
+            self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as error:
+            raise OSError(error.errno, f"cannot open the image's directory: "
+                          f"{error.strerror}", directory) from None
+        try:
+            old = self._existing()
+            if in_place:
+                self._open_in_place(mode)
+            else:
+                self._create(mode if mode is not None else
+                             (stat.S_IMODE(old.st_mode) if old else DEFAULT_MODE), old)
+            self.channel_fd = self.fd
+            if direct_io:
+                self.channel_fd = check_direct_io_fd(self.fd, self.path)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _existing(self) -> os.stat_result | None:
+        try:
+            found = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(found.st_mode):
+            raise DestinationError(f"{self.path}: is a symbolic link; refused (give "
+                                   f"follow_symlinks=True, --follow-symlinks, to save "
+                                   f"where it leads)")
+        if not stat.S_ISREG(found.st_mode):
+            raise DestinationError(f"{self.path}: is {file_kind(found.st_mode)}, not a "
+                                   f"regular file; refused")
+        return found
+
+    def _open_in_place(self, mode: int | None) -> None:
+        try:
+            self.fd = os.open(self.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                              | os.O_NONBLOCK, DEFAULT_MODE, dir_fd=self.dir_fd)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise DestinationError(f"{self.path}: became a symbolic link; "
+                                       f"refused") from None
+            raise OSError(error.errno, error.strerror, self.path) from None
+        found = os.fstat(self.fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise DestinationError(f"{self.path}: is {file_kind(found.st_mode)}, not a "
+                                   f"regular file; refused")
+        if mode is not None:
+            os.fchmod(self.fd, mode)
+
+    def _create(self, mode: int, old: os.stat_result | None) -> None:
+        try:
+            self.fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, DEFAULT_MODE,
+                              dir_fd=self.dir_fd)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise OSError(error.errno, error.strerror, self.path) from None
+            self.partial = partial_name(self.name)
+            try:
+                self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_EXCL
+                                  | os.O_NOFOLLOW | os.O_CLOEXEC, DEFAULT_MODE,
+                                  dir_fd=self.dir_fd)
+            except OSError as error:
+                raise OSError(error.errno, error.strerror, self.path) from None
+        # Exactly this mode, whatever the umask; the old image's owner too,
+        # where we may (root may; anyone may keep their own).
+        os.fchmod(self.fd, mode)
+        if old is not None:
+            try:
+                os.fchown(self.fd, old.st_uid, old.st_gid)
+            except PermissionError:
+                pass
+
+    def commit(self, sync: bool) -> None:
+        """Give the complete file the image's name (not in place)."""
+        if self.in_place:
+            return
+        temporary = self.partial
+        if temporary is None:
+            while True:
+                temporary = partial_name(self.name)
+                try:
+                    os.link(f"/proc/self/fd/{self.fd}", temporary, dst_dir_fd=self.dir_fd)
+                    break
+                except FileExistsError:
+                    continue
+        old = None
+        try:
+            old = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                          | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except OSError:
+            pass  # none, or not one we may open: then it is freed in the rename
+        try:
+            os.rename(temporary, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        except OSError as error:
+            if old is not None:
+                os.close(old)
+            raise OSError(error.errno, error.strerror, self.path) from None
+        self.partial = None
+        if old is not None:
+            _free_later(old)
+        ours, found = os.fstat(self.fd), os.stat(self.name, dir_fd=self.dir_fd,
+                                                  follow_symlinks=False)
+        if (found.st_dev, found.st_ino) != (ours.st_dev, ours.st_ino):
+            raise DestinationError(f"{self.path}: another process replaced the image "
+                                   f"while it was being put in place; the file there "
+                                   f"now is not this save's")
+        if sync:
+            os.fsync(self.dir_fd)
+
+    def discard(self) -> None:
+        """Close everything; a partial file that never became the image is
+        removed (an unnamed one simply goes)."""
+        if self.partial is not None and self.fd >= 0:
+            try:
+                found = os.stat(self.partial, dir_fd=self.dir_fd, follow_symlinks=False)
+                ours = os.fstat(self.fd)
+                if (found.st_dev, found.st_ino) == (ours.st_dev, ours.st_ino):
+                    os.unlink(self.partial, dir_fd=self.dir_fd)
+            except FileNotFoundError:
+                pass
+        self.partial = None
+        self.close()
+
+    def close(self) -> None:
+        for name in ("channel_fd", "fd", "dir_fd"):
+            fd = getattr(self, name, -1)
+            if fd >= 0 and (name != "channel_fd" or fd != self.fd):
+                os.close(fd)
+            setattr(self, name, -1)
