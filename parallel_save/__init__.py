@@ -9,11 +9,18 @@ QEMU's mapped-ram migration file format.
         saver.complete(dirty={"ram0": changed})
     ps.restore("vm.img", {"ram0": other.buf}, channels=4)
     with ps.open_image("vm.img") as image: ...
+
+The names below are imported when first used: a channel started as a new
+interpreter imports only the modules it needs (its start-up time is the
+caller's wait).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .artifacts import clean
-from .blocks import RamBlock
 from .errors import (
     BlockError,
     ChannelError,
@@ -26,47 +33,78 @@ from .errors import (
     ParallelSaveError,
     SaveStateError,
 )
-from .image import BlockInfo, Image, open_image
-from .restorer import restore
-from .saver import Saver, save
-from .stats import PassStats, RestoreStats, SaveStats, read_status
-from .tracking import (
-    DirtyLog,
-    DirtyTracker,
-    HashTracker,
-    TrackingError,
-    UffdTracker,
-    uffd_support,
-)
+
+# Public name -> the module that defines it.
+_LAZY = {
+    "clean": "artifacts",
+    "RamBlock": "blocks",
+    "BlockInfo": "image", "Image": "image", "open_image": "image",
+    "restore": "restorer",
+    "Saver": "saver", "save": "saver",
+    "PassStats": "stats", "RestoreStats": "stats", "SaveStats": "stats",
+    "read_status": "stats",
+    "DirtyLog": "tracking", "DirtyTracker": "tracking", "HashTracker": "tracking",
+    "TrackingError": "tracking", "UffdTracker": "tracking", "uffd_support": "tracking",
+}
+
+if TYPE_CHECKING:
+    from .artifacts import clean
+    from .blocks import RamBlock
+    from .image import BlockInfo, Image, open_image
+    from .restorer import restore
+    from .saver import Saver, save
+    from .stats import PassStats, RestoreStats, SaveStats, read_status
+    from .tracking import (
+        DirtyLog,
+        DirtyTracker,
+        HashTracker,
+        TrackingError,
+        UffdTracker,
+        uffd_support,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'parallel_save' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
-                     "BlockError",
-                     "BlockInfo",
-                     "ChannelError",
-                     "DestinationError",
-                     "DirectIOError",
-                     "DirtyLog",
-                     "DirtyTracker",
-                     "FormatError",
-                     "HashTracker",
-                     "Image",
-                     "ImageWriteError",
-                     "IncompleteImageError",
-                     "OptionError",
-                     "ParallelSaveError",
-                     "PassStats",
-                     "RamBlock",
-                     "RestoreStats",
-                     "SaveStateError",
-                     "SaveStats",
-                     "Saver",
-                     "TrackingError",
-                     "UffdTracker",
-                     "__version__",
-                     "clean",
-                     "open_image",
-                     "read_status",
-                     "restore",
-                     "save",
-                     "uffd_support",
+    "BlockError",
+    "BlockInfo",
+    "ChannelError",
+    "DestinationError",
+    "DirectIOError",
+    "DirtyLog",
+    "DirtyTracker",
+    "FormatError",
+    "HashTracker",
+    "Image",
+    "ImageWriteError",
+    "IncompleteImageError",
+    "OptionError",
+    "ParallelSaveError",
+    "PassStats",
+    "RamBlock",
+    "RestoreStats",
+    "SaveStateError",
+    "SaveStats",
+    "Saver",
+    "TrackingError",
+    "UffdTracker",
+    "__version__",
+    "clean",
+    "open_image",
+    "read_status",
+    "restore",
+    "save",
+    "uffd_support",
 ]

@@ -11,8 +11,11 @@ A channel that raises or dies turns into a :class:`ChannelError` within
 one wait interval, never a hang, and every other channel is stopped (like
 ``concurrent.futures``' BrokenProcessPool).  Channels are started with
 ``fork`` when this process has one thread (a channel is up in
-milliseconds), with ``forkserver`` otherwise (forking a process whose other
-threads may hold locks is unsafe); the caller may choose.
+milliseconds); once it has other threads, forking it is unsafe (a lock
+another thread held stays taken in the child), so they are started as new
+interpreters (fork and exec at once, with nothing run between): "spawn".
+The caller may choose.  Either way the channel imports nothing of the
+caller's: no ``if __name__ == "__main__"`` guard is needed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +34,7 @@ from dataclasses import dataclass
 import multiprocess
 import numpy as np
 from multiprocess import reduction
-from multiprocess.connection import wait
+from multiprocess.connection import Connection, wait
 
 # A module import, not a name import: workers.channel imports parallel_save
 # modules itself, and either package may be imported first.
@@ -63,7 +69,7 @@ from .stats import ChannelStats
 PROGRESS_INTERVAL = 0.1
 # How long a channel may take to exit after "stop" before it is killed.
 STOP_GRACE = 2.0
-START_METHODS = ("fork", "forkserver", "spawn")
+START_METHODS = ("fork", "spawn")
 
 # progress(pages handled in this pass, pages to handle in this pass)
 PassProgress = Callable[[int, int], None]
@@ -96,10 +102,12 @@ def _channel(number: int, connection, plan: ChannelPlan) -> None:
 
 
 def choose_start_method(start_method: str | None) -> str:
-    """``start_method`` checked, or the default: fork while this process
-    has a single thread, forkserver once it has more."""
+    """``start_method`` checked, or the default: $PARALLEL_SAVE_START_METHOD
+    if set, else fork while this process has a single thread, spawn once it
+    has more."""
     if start_method is None:
-        return "fork" if threading.active_count() == 1 else "forkserver"
+        start_method = os.environ.get("PARALLEL_SAVE_START_METHOD") or (
+            "fork" if threading.active_count() == 1 else "spawn")
     if start_method not in START_METHODS:
         raise OptionError(f"start_method must be one of {START_METHODS}, "
                          f"not {start_method!r}")
@@ -110,6 +118,53 @@ def deal_chunks(chunks: np.ndarray, channels: int) -> list[np.ndarray]:
     """Each channel's share of these chunk numbers: chunk g always goes to
     channel g % channels, which is what makes an OR merge correct."""
     return [chunks[chunks % channels == c].astype(np.int32) for c in range(channels)]
+
+
+class SpawnedChannel:
+    """A channel started as a new interpreter, with the few methods of a
+    ``multiprocess.Process`` that the group uses.  Its connection is a
+    socket pair inherited through exec; its sentinel a pidfd."""
+
+    # The new interpreter imports the very parallel_save this one runs.
+    _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+             "from workers.channel import spawned_main; spawned_main(int(sys.argv[2]))")
+
+    def __init__(self, number: int, plan: ChannelPlan) -> None:
+        self.name = f"parallel-save channel {number}"
+        ours, theirs = socket.socketpair()
+        try:
+            self._popen = subprocess.Popen(
+                [sys.executable, "-c", self._BOOT, self._ROOT, str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self.pid = self._popen.pid
+        self.sentinel = os.pidfd_open(self.pid)
+        self.connection = Connection(ours.detach())
+        self.connection.send_bytes(pickle.dumps((number, plan)))
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self._popen.kill()
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self) -> None:
+        if self.sentinel >= 0:
+            os.close(self.sentinel)
+            self.sentinel = -1
 
 
 @dataclass(frozen=True)
@@ -154,24 +209,30 @@ class ChannelGroup:
         if hash_keys is not None:
             control.hash_keys[:] = hash_keys
         plan = ChannelPlan(image_name, writing, direct_io, tuple(sources),
-                           tuple(pages_offsets), layout, os.getpid(), method != "forkserver")
+                           tuple(pages_offsets), layout, os.getpid())
         group = cls(count, plan, control)
         group.start(method, image_fd)
         return group
 
     def start(self, method: str, image_fd: int) -> None:
-        context = multiprocess.get_context(method)
+        context = multiprocess.get_context("fork")
         try:
             # A Ctrl-C raised inside fork's Python hooks would be swallowed
             # there ("Exception ignored"), and leave logging's lock taken:
             # it waits until the channels are started.
             with signals_deferred():
                 for number in range(self.count):
-                    ours, theirs = context.Pipe(duplex=True)
-                    process = context.Process(target=_channel, args=(number, theirs, self.plan),
-                                              name=f"parallel-save channel {number}", daemon=True)
-                    process.start()
-                    theirs.close()
+                    if method == "spawn":
+                        process = SpawnedChannel(number, self.plan)
+                        ours = process.connection
+                    else:
+                        ours, theirs = context.Pipe(duplex=True)
+                        process = context.Process(target=_channel,
+                                                  args=(number, theirs, self.plan),
+                                                  name=f"parallel-save channel {number}",
+                                                  daemon=True)
+                        process.start()
+                        theirs.close()
                     self.processes.append(process)
                     self.connections.append(ours)
                     # Over the connection's socket (SCM_RIGHTS): the channel

@@ -206,5 +206,4 @@ class ChannelPlan:
     sources: tuple[BlockSource, ...]
     pages_offsets: tuple[int, ...]   # each block's pages region in the file
     control: ControlLayout
-    coordinator: int                 # pid: the channel dies with it
-    forked: bool                     # the coordinator is the channel's parent
+    coordinator: int                 # pid (and parent) of the channel: it dies with it

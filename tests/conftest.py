@@ -20,6 +20,12 @@ from parallel_save.format import PAGE_SIZE
 
 DATA = Path(__file__).parent / "data"
 
+# pytest-xdist's workers run a thread, which makes the library start its
+# channels as new interpreters (safe with threads, but slower to start);
+# the suite pins the default of single-threaded callers, fork, and tests
+# the other start method where it names it.
+os.environ.setdefault("PARALLEL_SAVE_START_METHOD", "fork")
+
 
 def fill_pages(array: np.ndarray, rng: np.random.Generator, zero_fraction: float = 0.5
                ) -> np.ndarray:

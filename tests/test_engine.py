@@ -238,3 +238,17 @@ def test_status_board_counts_each_pass_as_it_ends(shm, tmp_path):
         saver.complete(dirty={})
     with pytest.raises(ps.ParallelSaveError, match=f"no status board named '{name}'"):
         ps.read_status(name)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_round_trip_is_exact_whatever_the_start_method(shm, tmp_path, start_method):
+    blocks = make_blocks(shm, seed=40)
+    path = tmp_path / "vm.img"
+    with ps.Saver(path, blocks, channels=3, start_method=start_method) as saver:
+        saver.setup()
+        saver.iterate()
+        saver.complete(dirty={})
+    copies = [shm.block(b.name, b.pages, fill="garbage") for b in blocks]
+    ps.restore(path, copies, channels=2, start_method=start_method)
+    for block, copy in zip(blocks, copies):
+        assert np.array_equal(block.array, copy.array)

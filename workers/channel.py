@@ -26,8 +26,11 @@ import signal
 import threading
 import time
 
+# The standard library's (same wire as multiprocess's): it imports fast,
+# which a channel started as a new interpreter waits for.
+from multiprocessing import reduction
+
 import numpy as np
-from multiprocess import reduction
 
 from parallel_save.blocks import BlockMapping
 from parallel_save.control import (
@@ -73,7 +76,7 @@ def die_with_coordinator(plan: ChannelPlan) -> None:
         pidfd = os.pidfd_open(plan.coordinator)
     except ProcessLookupError:
         os.kill(os.getpid(), signal.SIGKILL)
-    if plan.forked and os.getppid() != plan.coordinator:
+    if os.getppid() != plan.coordinator:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def watch() -> None:
@@ -481,3 +484,13 @@ def channel_main(number: int, conn, plan: ChannelPlan) -> None:
     finally:
         if channel is not None:
             channel.close()
+
+
+def spawned_main(fd: int) -> None:
+    """A channel started as a new interpreter (channels.SpawnedChannel):
+    its number and plan come first on its connection, from its parent."""
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    number, plan = pickle.loads(conn.recv_bytes())
+    channel_main(number, conn, plan)
