@@ -17,7 +17,7 @@ once the writers have stopped.  A page reported more often than needed
 costs a write; a page not reported is a corrupted save.
 """
 
-from .base import (
+from .contract import (
     DirtyPages,
     DirtyTracker,
     TrackingError,

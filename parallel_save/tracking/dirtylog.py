@@ -67,7 +67,7 @@ from ..artifacts import SEGMENT_DIR, check_ours, segment_name
 from ..blocks import RamBlock
 from ..errors import BlockError, ParallelSaveError
 from ..format import PAGE_SIZE, round_up
-from .base import DirtyPages, DirtyTracker, TrackingError, block_pages_of
+from .contract import DirtyPages, DirtyTracker, TrackingError, block_pages_of
 
 MAGIC = b"PSDIRTY1"
 _HEADER = struct.Struct("<8sQQ")  # magic, total pages, table bytes

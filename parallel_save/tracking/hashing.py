@@ -35,7 +35,7 @@ from ..control import HASH_LANES as LANES
 from ..control import HASH_WORDS as WORDS
 from ..format import PAGE_SIZE
 from ..stats import PassStats
-from .base import DirtyPages, DirtyTracker
+from .contract import DirtyPages, DirtyTracker
 
 # Pages widened to 64 bits at a time: 1 MiB of scratch, which stays in
 # the cache between the widening and the two products, and few enough
