@@ -11,8 +11,7 @@ QEMU's mapped-ram migration file format.
     with ps.open_image("vm.img") as image: ...
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .blocks import RamBlock
 from .errors import (
     BlockError,

@@ -18,15 +18,12 @@ import multiprocess
 import numpy as np
 from multiprocess.connection import wait
 
-# A module import, not a name import: workers.channel imports parallel_save
-# modules itself, and either package may be imported first.
-import workers.channel as channel_process
-
 from .blocks import BlockSource
 from .control import ChannelPlan, ControlLayout, ControlSegment
 from .errors import ChannelError
 from .format import PAGE_SIZE
 from .signals import TERMINATE_SIGNALS, signals_deferred
+from .workers import channel as channel_process
 
 # How often a waiting coordinator wakes to report progress.
 PROGRESS_INTERVAL = 0.1

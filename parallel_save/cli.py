@@ -6,7 +6,6 @@
     parallel-save verify IMAGE --block NAME=PATH ...   compare with the sources
     parallel-save demo                                 save and restore a generated image
     parallel-save status BOARD                         a running save's progress
-    parallel-save bench ...                            the benchmarks (bench package)
 
 Every user mistake ends in one line on stderr, ``parallel-save: error: ...``,
 with exit status 2 for a bad command line and 1 for a failure; ``--debug``
@@ -33,7 +32,7 @@ from typing import Any, ClassVar, NoReturn, Self
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .blocks import BlockSource, RamBlock, attach
 from .directio import check_direct_io
 from .errors import BlockError, DirectIOError, ParallelSaveError
@@ -590,23 +589,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- bench ---
-
-
-def cmd_bench(argv: Sequence[str]) -> int:
-    """The benchmarks live in the ``bench`` package; its own parser reads argv."""
-    try:
-        from bench.__main__ import main as bench_main
-    except ModuleNotFoundError as error:
-        if error.name in ("bench", "bench.__main__"):
-            raise Failure("the benchmarks (the bench package) are not installed: install "
-                          "parallel-save from its source tree with pip install '.[bench]'"
-                          ) from None
-        raise Failure(f"the benchmarks need the module {error.name}: "
-                      f"pip install 'parallel-save[bench]'") from None
-    return bench_main(list(argv)) or 0
-
-
 # --- the parser ---
 
 
@@ -698,9 +680,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("board", metavar="BOARD")
     sub.add_argument("--json", action="store_true", help="print as JSON")
     sub.set_defaults(run=cmd_status)
-
-    commands.add_parser("bench", help="run the benchmarks (see 'parallel-save bench --help')",
-                        add_help=False)
     return parser
 
 
@@ -715,8 +694,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        if argv[:1] == ["bench"]:
-            return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
         with terminate_cleanly():
             return args.run(args)

@@ -30,7 +30,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .blocks import RamBlock
 from .channels import ChannelGroup, deal_chunks
 from .control import (

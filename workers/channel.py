@@ -27,8 +27,8 @@ import time
 
 import numpy as np
 
-from parallel_save.blocks import attach
-from parallel_save.control import (
+from ..blocks import attach
+from ..control import (
     BUSY_NS,
     BYTES_WRITTEN,
     CHUNK_PAGES,
@@ -44,8 +44,8 @@ from parallel_save.control import (
     ChannelPlan,
     ControlSegment,
 )
-from parallel_save.format import PAGE_SIZE, bit_runs
-from parallel_save.tracking.hashing import PageHasher
+from ..format import PAGE_SIZE, bit_runs
+from ..tracking.hashing import PageHasher
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 _PR_SET_PDEATHSIG = 1
