@@ -94,15 +94,16 @@ def venv(tmp_path_factory, wheel) -> Path:
     env = home / "env"
     run(sys.executable, "-m", "venv", "--without-pip", env, cwd=home)
     python = env / "bin" / "python"
-    (purelib,) = {Path(p) for p in run(python, "-c", "import site; print(site.getsitepackages()"
-                                       "[0])", cwd=home).stdout.split()}
-    (purelib / "zz-test-run-site-packages.pth").write_text(
-        "".join(f"{p}\n" for p in site.getsitepackages()))
+    where = run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))", cwd=home)
+    purelib = Path(where.stdout.strip())
     dummies = [dummy_wheel(home, "bench"), dummy_wheel(home, "workers")]
     install = [sys.executable, "-m", "pip", "--python", python, "install", "--quiet",
                "--no-deps", "--no-index"]
     run(*install, *dummies, cwd=home)
     run(*install, wheel, cwd=home)
+    # Only now: pip would take a parallel-save installed there for this one.
+    (purelib / "zz-test-run-site-packages.pth").write_text(
+        "".join(f"{p}\n" for p in site.getsitepackages()))
     return env
 
 
@@ -151,3 +152,11 @@ def test_the_installed_command_saves_and_restores_beside_them(venv, tmp_path):
 def test_ci_tests_the_installed_package_not_the_checkout():
     for module in (ps, parallel_save.workers.channel):
         assert not Path(module.__file__).resolve().is_relative_to(ROOT), module.__file__
+
+
+def test_a_python_the_tests_start_imports_the_same_package():
+    # From the repository's root, where `python -m` would put the checkout first.
+    code = "import parallel_save; print(parallel_save.__file__)"
+    shown = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.stdout == f"{ps.__file__}\n"
