@@ -68,7 +68,7 @@ from ..blocks import RamBlock
 from ..control import SEGMENT_DIR
 from ..errors import BlockError
 from ..format import PAGE_SIZE, round_up
-from . import DirtyPages, DirtyTracker, TrackingError, block_pages_of
+from .contract import DirtyPages, DirtyTracker, TrackingError, block_pages_of
 
 MAGIC = b"PSDIRTY1"
 _HEADER = struct.Struct("<8sQQ")  # magic, total pages, table bytes

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..blocks import RamBlock
 from ..format import PAGE_SIZE
-from . import DirtyPages, DirtyTracker, TrackingError, block_pages_of
+from .contract import DirtyPages, DirtyTracker, TrackingError, block_pages_of
 
 _SYSCALL_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
 _UFFD_USER_MODE_ONLY = 1
