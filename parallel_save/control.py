@@ -22,7 +22,7 @@ Work is dealt in chunks of ``CHUNK_PAGES`` pages, and chunk g of the image
 always belongs to channel ``g % N``.  Because a page is always handled by
 the same channel, that channel's bit for it is the one from the last pass
 that handled it, and merging the channels' bitmaps is a plain OR
-(DESIGN.md, invariant 2).  A chunk is 64 bitmap bytes, so no two channels
+(docs/DESIGN.md, invariant 2).  A chunk is 64 bitmap bytes, so no two channels
 ever write the same byte of any bitmap.
 """
 

@@ -4,7 +4,7 @@ and the status board that publishes them to other processes.
 Channels only add to their own row of counters in the control segment;
 the coordinator turns those rows into these records and is the single
 writer of the status board (shared-memory-dict loses updates with two
-writers and copies the whole dict on every operation: DESIGN.md).
+writers and copies the whole dict on every operation: docs/DESIGN.md).
 """
 
 from __future__ import annotations

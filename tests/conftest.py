@@ -127,7 +127,7 @@ def leftover_segments() -> list[str]:
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Every test leaves no channel process and no control segment behind
-    (DESIGN.md, invariant 6)."""
+    (docs/DESIGN.md, invariant 6)."""
     before = set(leftover_segments())
     yield
     children = [p for p in multiprocess.active_children()
