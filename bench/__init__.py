@@ -1,6 +1,6 @@
 """Throughput benchmarks of parallel-save against its peers.
 
-    python -m bench --size 2G --runs 3          # or: parallel-save bench ...
+    python -m bench --size 2G --runs 3          # from a checkout of the repository
 
 One image lives in shared memory; every contender saves (or restores) the
 same bytes, round after round, so that a noisy disk hits all of them alike:

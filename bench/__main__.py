@@ -1,13 +1,14 @@
-"""``python -m bench`` (or ``parallel-save bench``): run every contender,
-round after round, and report medians and the headline ratios.
+"""``python -m bench`` (from a checkout of the repository): run every
+contender, round after round, and report medians and the headline ratios.
 
 Contenders alternate within each round (round-robin), so slow drifts of
 the disk or of the machine spread over all of them instead of hitting one
-contender's runs together.  Before every run the file system is synced
-and, unless ``--no-drop-caches``, the page cache is dropped (the image
-itself lives in tmpfs and is never dropped): every contender starts with
-no dirty pages of an earlier run to compete with, and every restore reads
-from the disk.
+contender's runs together.  Before every run the file system is synced, so
+every contender starts with no dirty pages of an earlier run to compete
+with.  With ``--drop-caches`` (root) the page cache is dropped too, so that
+every restore reads from the disk: that empties the cache of the whole
+machine, everyone's, which is why it is asked for and never the default
+(the image itself lives in tmpfs and is never dropped).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import parallel_save as ps
-from parallel_save.qemu import qemu_supports_mapped_ram
 
 from . import report
 from .contenders import Contender, RunContext, lineup
 from .probe import BLOCK
+from .qemu import qemu_supports_mapped_ram
 from .workload import BenchError, Workload, build, can_drop_caches, parse_size, settle, size_text
 
 DEFAULT_SIZE = "2G"
@@ -73,8 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "patterns, e.g. 'ps save*' 'qemu multifd' dd (see --list)")
     parser.add_argument("--list", action="store_true",
                         help="print the contenders that would run, and exit")
-    parser.add_argument("--no-drop-caches", action="store_true",
-                        help="do not drop the page cache before each run (it is still synced)")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="drop the whole machine's page cache before each run (root; "
+                             "without it the file system is only synced)")
     parser.add_argument("--outdir", type=Path, default=RESULTS,
                         help="where the JSON and PNG go (default bench/results/)")
     parser.add_argument("--workdir", type=Path,
@@ -146,11 +148,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if qemu and not qemu_supports_mapped_ram():
         qemu = False
         notes.append("QEMU skipped: no qemu-system-x86_64 >= 9.0 with mapped-ram on PATH")
-    drop_caches = not args.no_drop_caches
+    drop_caches = args.drop_caches
     if drop_caches and not can_drop_caches():
-        drop_caches = False
-        notes.append("page cache not dropped: /proc/sys/vm/drop_caches is not writable "
-                     "(run as root)")
+        raise BenchError("--drop-caches: /proc/sys/vm/drop_caches is not writable "
+                         "(run as root, or leave the option out)")
     contenders = _select(lineup(args.channels, qemu), args)
     if args.list:
         for contender in contenders:
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise BenchError("the plot needs matplotlib: pip install 'parallel-save[bench]'")
     notes.append("before every run: sync, then " + (
         "drop the page cache (echo 3 > /proc/sys/vm/drop_caches)" if drop_caches
-        else "the page cache is NOT dropped"))
+        else "the page cache is kept (no --drop-caches)"))
     args.outdir.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     _log(f"building a {size_text(args.size)} image, {args.zero_fraction:.0%} zero pages")

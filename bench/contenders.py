@@ -30,9 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from parallel_save.qemu import QemuVM
-
 from .memory import PeakRssAnon
+from .qemu import QemuVM
 from .workload import BenchError, Workload, remove
 
 Measurement = dict[str, Any]

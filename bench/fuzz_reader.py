@@ -21,8 +21,9 @@ The input is a sparse file, so that a 64 MiB image whose headers are a few
 KiB is a few KiB of input: repeated ``be32 hole, be16 length, bytes[length]``
 (skip ``hole`` zero bytes, then write the bytes); a partial segment at the
 end is ignored.  The seeds are small images encoded with plan_layout and
-encode_setup/encode_tail, and the header regions of QEMU's fixtures in
-tests/data (their page bytes become holes).
+encode_setup/encode_tail, and the header regions of QEMU's fixtures (their
+page bytes become holes): those of the repository's tests/data, beside this
+bench/ folder, or of ``--fixtures DIR``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ SEGMENT = struct.Struct(">IH")  # hole before the bytes, length of the bytes
 MAX_FILE = 64 << 20  # larger sparse files are cut here: enough room for 1 MiB alignment
 GUARD = 4096  # bytes checked on each side of the read_block destination
 GUARD_BYTE = 0x5A
+# bench/ is a tool of the repository, never installed: its fixtures are the
+# repository's own, found from this file.
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 
 
@@ -145,10 +148,14 @@ def header_writes(path: Path, layout: StreamLayout) -> list[tuple[int, bytes]]:
         return [(first, os.pread(f.fileno(), end - first, first)) for first, end in spans]
 
 
-def qemu_seeds() -> list[list[tuple[int, bytes]]]:
+def qemu_seeds(fixtures: Path) -> list[list[tuple[int, bytes]]]:
+    packed_files = sorted(fixtures.glob("*.mig.xz"))
+    if not packed_files:
+        raise SystemExit(f"fuzz_reader: no QEMU fixtures (*.mig.xz) in {fixtures}: run it "
+                         "from a checkout of the repository or give --fixtures DIR")
     seeds = []
     with tempfile.TemporaryDirectory() as tmp:
-        for packed in sorted(DATA.glob("*.mig.xz")):
+        for packed in packed_files:
             path = Path(tmp) / packed.stem
             with lzma.open(packed) as source:
                 path.write_bytes(source.read())
@@ -157,12 +164,12 @@ def qemu_seeds() -> list[list[tuple[int, bytes]]]:
     return seeds
 
 
-def write_seeds(directory: Path) -> None:
+def write_seeds(directory: Path, fixtures: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     seeds = [small_image([("ram0", 3)], "none", 0),
              small_image([("ram0", 70), ("ram1", 1)], "none", 2),
              small_image([("pc.ram", 8), ("/rom@etc/acpi/rsdp", 1)], "pc-q35-10.0", 1),
-             *qemu_seeds()]
+             *qemu_seeds(fixtures)]
     for writes in seeds:
         data = encode_segments(writes)
         (directory / hashlib.sha1(data).hexdigest()).write_bytes(data)
@@ -172,9 +179,10 @@ def write_seeds(directory: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--seeds", type=Path)
+    parser.add_argument("--fixtures", type=Path, default=DATA)
     known, rest = parser.parse_known_args()
     if known.seeds is not None:
-        write_seeds(known.seeds)
+        write_seeds(known.seeds, known.fixtures)
         return
     atheris.Setup([sys.argv[0], *rest], test_one_input)
     atheris.Fuzz()

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 import parallel_save
-from parallel_save.qemu import qemu_binary
+
+from .qemu import qemu_binary
 
 MIB = 1 << 20
 MEMORY_LIMIT = 150 * MIB
@@ -162,14 +163,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def format_targets(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'target':<42} {'ch':>3} {'value':>10} {'limit':>11}  result"]
+    """One line per target: what was measured, then the verdict with the
+    target it was held to (a ratio of medians, or a memory ceiling)."""
+    lines = [f"{'target':<42} {'ch':>3} {'value':>10}  result (target)"]
     for row in rows:
         if row["unit"] == "x":
-            value, limit = f"{row['value']:.3f}x", f"<= {row['limit']:g}x"
+            value, limit = f"{row['value']:.3f}x", f"ratio <= {row['limit']:g}x"
         else:
-            value, limit = f"{row['value']:.0f} MiB", f"< {row['limit']:g} MiB"
-        lines.append(f"{row['target']:<42} {channels_text(row['channels']):>3} {value:>10} "
-                     f"{limit:>11}  {'PASS' if row['pass'] else 'MISS'}")
+            value, limit = f"{row['value']:.0f} MiB", f"below {row['limit']:g} MiB"
+        verdict = "PASS" if row["pass"] else "MISS"
+        lines.append(f"{row['target']:<42} {channels_text(row['channels']):>3} {value:>10}  "
+                     f"{verdict} (target: {limit})")
     return "\n".join(lines)
 
 

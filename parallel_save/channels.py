@@ -36,10 +36,6 @@ import numpy as np
 from multiprocess import reduction
 from multiprocess.connection import Connection, wait
 
-# A module import, not a name import: workers.channel imports parallel_save
-# modules itself, and either package may be imported first.
-import workers.channel as channel_process
-
 from .blocks import BlockSource
 from .control import (
     BYTES_WRITTEN,
@@ -64,6 +60,7 @@ from .errors import ChannelError, OptionError
 from .format import PAGE_SIZE
 from .signals import TERMINATE_SIGNALS, signals_deferred
 from .stats import ChannelStats
+from .workers import channel as channel_process
 
 # How often a waiting coordinator wakes to report progress.
 PROGRESS_INTERVAL = 0.1
@@ -128,7 +125,8 @@ class SpawnedChannel:
     # The new interpreter imports the very parallel_save this one runs.
     _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
-             "from workers.channel import spawned_main; spawned_main(int(sys.argv[2]))")
+             "from parallel_save.workers.channel import spawned_main; "
+             "spawned_main(int(sys.argv[2]))")
 
     def __init__(self, number: int, plan: ChannelPlan) -> None:
         self.name = f"parallel-save channel {number}"

@@ -6,7 +6,6 @@
     parallel-save verify IMAGE --block NAME=PATH ...   compare with the sources
     parallel-save demo                                 save and restore a generated image
     parallel-save status BOARD                         a running save's progress
-    parallel-save bench ...                            the benchmarks (bench package)
 
 Every user mistake ends in one line on stderr, ``parallel-save: error: ...``,
 with exit status 2 for a bad command line and 1 for a failure; ``--debug``
@@ -33,7 +32,7 @@ from typing import Any, ClassVar, NoReturn, Self
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .blocks import BlockMapping, BlockSource, RamBlock
 from .directio import check_direct_io
 from .errors import BlockError, DirectIOError, ParallelSaveError
@@ -151,16 +150,29 @@ def _emit(args: argparse.Namespace, text: str, data: dict[str, Any]) -> None:
 
 
 class ProgressBar:
-    """A progress bar with throughput per phase, on a terminal only:
-    the ``on_progress`` callback of a save or restore."""
+    """A progress bar per phase, on a terminal only: the ``on_progress``
+    callback of a save or restore, ``(phase, done, total)``.
 
-    LABELS: ClassVar[dict[str, str]] = {"iterate": "saving", "complete": "saving",
-                                        "restore": "restoring"}
+    The passes over pages ("iterate", "complete", "restore") show bytes of
+    RAM and their throughput in the summary's units (kB, MB, GB: powers of
+    1000); each pass gets its own bar, numbered.  Any other phase (the
+    file's "sync" and "rename" at the end of a save, or a phase this bar
+    does not know) is shown by its name as steps, so the bar never sits at
+    the last pass's figure while the file is synced.
+    """
+
+    PAGE_PHASES: ClassVar[dict[str, str]] = {"iterate": "pass {number}",
+                                             "complete": "pass {number} (last)",
+                                             "restore": "restoring"}
+    STEP_PHASES: ClassVar[dict[str, str]] = {"sync": "syncing the file",
+                                             "rename": "renaming the file into place"}
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._bar: Any = None
         self._phase: str | None = None
+        self._last = (0, 0)  # (done, total) of the last call: a smaller done is a new pass
+        self._passes = 0
 
     def __enter__(self) -> Self:
         return self
@@ -168,18 +180,33 @@ class ProgressBar:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __call__(self, phase: str, pages_done: int, pages_total: int) -> None:
+    def __call__(self, phase: str, done: int, total: int) -> None:
         if not self.enabled:
             return
-        if self._bar is None or phase != self._phase:
-            from tqdm import tqdm
+        pages = phase in self.PAGE_PHASES
+        if (self._bar is None or phase != self._phase or done < self._last[0]
+                or total != self._last[1]):
+            self._start(phase, pages, total)
+        self._last = (done, total)
+        self._bar.update((done * PAGE_SIZE if pages else done) - self._bar.n)
 
-            self.close()
-            self._phase = phase
-            self._bar = tqdm(total=pages_total * PAGE_SIZE, desc=self.LABELS.get(phase, phase),
-                             unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-                             dynamic_ncols=True, file=sys.stderr)
-        self._bar.update(pages_done * PAGE_SIZE - self._bar.n)
+    def _start(self, phase: str, pages: bool, total: int) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        self._phase = phase
+        if pages:
+            if phase != "restore":
+                self._passes += 1
+            label = self.PAGE_PHASES[phase].format(number=self._passes)
+            self._bar = tqdm(total=total * PAGE_SIZE, desc=label, unit="B", unit_scale=True,
+                             unit_divisor=1000, leave=False, dynamic_ncols=True,
+                             file=sys.stderr)
+        else:
+            label = self.STEP_PHASES.get(phase, phase)
+            self._bar = tqdm(total=total, desc=label, leave=False, dynamic_ncols=True,
+                             bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}]",
+                             file=sys.stderr)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -591,23 +618,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- bench ---
-
-
-def cmd_bench(argv: Sequence[str]) -> int:
-    """The benchmarks live in the ``bench`` package; its own parser reads argv."""
-    try:
-        from bench.__main__ import main as bench_main
-    except ModuleNotFoundError as error:
-        if error.name in ("bench", "bench.__main__"):
-            raise Failure("the benchmarks (the bench package) are not installed: install "
-                          "parallel-save from its source tree with pip install '.[bench]'"
-                          ) from None
-        raise Failure(f"the benchmarks need the module {error.name}: "
-                      f"pip install 'parallel-save[bench]'") from None
-    return bench_main(list(argv)) or 0
-
-
 # --- the parser ---
 
 
@@ -699,9 +709,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("board", metavar="BOARD")
     sub.add_argument("--json", action="store_true", help="print as JSON")
     sub.set_defaults(run=cmd_status)
-
-    commands.add_parser("bench", help="run the benchmarks (see 'parallel-save bench --help')",
-                        add_help=False)
     return parser
 
 
@@ -716,8 +723,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        if argv[:1] == ["bench"]:
-            return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
         with terminate_cleanly():
             return args.run(args)

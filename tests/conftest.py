@@ -8,8 +8,41 @@ import lzma
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _import_the_installed_package_first() -> None:
+    """Test the installed ``parallel_save`` when there is one, the checkout's
+    otherwise.
+
+    ``python -m pytest`` puts the current directory first on sys.path, so
+    from the repository's root the checkout would shadow the installed
+    package and CI would test the sources instead of the wheel.  The root
+    moves to the END of sys.path: ``parallel_save`` comes from site-packages
+    when installed, and the checkout (and its development tools, ``bench``)
+    stays importable.  Every Python a test starts imports the same way: the
+    path goes into PYTHONPATH and PYTHONSAFEPATH keeps a child's current
+    directory off its sys.path.
+    """
+    def is_root(entry: str) -> bool:
+        try:
+            return Path(entry or os.curdir).resolve() == ROOT
+        except OSError:
+            return False
+
+    if "parallel_save" in sys.modules:
+        raise RuntimeError("parallel_save was imported before tests/conftest.py could "
+                           "choose between the installed package and the checkout")
+    sys.path[:] = [entry for entry in sys.path if not is_root(entry)] + [str(ROOT)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(entry for entry in sys.path if entry)
+    os.environ["PYTHONSAFEPATH"] = "1"
+
+
+_import_the_installed_package_first()
 
 import multiprocess
 import numpy as np
@@ -25,6 +58,10 @@ DATA = Path(__file__).parent / "data"
 # the suite pins the default of single-threaded callers, fork, and tests
 # the other start method where it names it.
 os.environ.setdefault("PARALLEL_SAVE_START_METHOD", "fork")
+
+
+def pytest_report_header(config) -> str:
+    return f"parallel_save: {Path(ps.__file__).parent}"
 
 
 def fill_pages(array: np.ndarray, rng: np.random.Generator, zero_fraction: float = 0.5
@@ -96,7 +133,7 @@ def leftover_segments() -> list[str]:
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Every test leaves no channel process and no control segment behind
-    (DESIGN.md, invariant 6)."""
+    (docs/DESIGN.md, invariant 6)."""
     before = set(leftover_segments())
     yield
     children = [p for p in multiprocess.active_children()

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import parallel_save as ps
+from bench.qemu import MAPPED_RAM_MIN_VERSION, QemuError, QemuVM, qemu_binary, qemu_version
 from parallel_save.format import PAGE_SIZE
-from parallel_save.qemu import MAPPED_RAM_MIN_VERSION, QemuError, QemuVM, qemu_binary, qemu_version
 
 REQUIRE_QEMU = "PARALLEL_SAVE_REQUIRE_QEMU"
 

@@ -1,4 +1,4 @@
-"""The engine's invariants (DESIGN.md): exact round trips however the
+"""The engine's invariants (docs/DESIGN.md): exact round trips however the
 pages change between passes, bitmaps that say exactly which pages are
 non-zero, a sparse file that does not grow with the passes, no page bytes
 through the pipes, nothing left behind."""

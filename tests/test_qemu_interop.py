@@ -35,8 +35,8 @@ from qemu_support import (
 )
 
 import parallel_save as ps
+from bench.qemu import QemuVM
 from parallel_save.format import PAGE_SIZE
-from parallel_save.qemu import QemuVM
 
 #: Where a stream starts inside a caller's file: after a 1 MiB header, and
 #: at an offset that is not even page aligned.

@@ -32,8 +32,8 @@ from multiprocessing import reduction
 
 import numpy as np
 
-from parallel_save.blocks import BlockMapping
-from parallel_save.control import (
+from ..blocks import BlockMapping
+from ..control import (
     BUSY_NS,
     BYTES_WRITTEN,
     CHUNK_PAGES,
@@ -55,8 +55,8 @@ from parallel_save.control import (
     ChannelPlan,
     ControlSegment,
 )
-from parallel_save.format import PAGE_SIZE, bit_runs
-from parallel_save.tracking.hashing import PageHasher
+from ..format import PAGE_SIZE, bit_runs
+from ..tracking.hashing import PageHasher
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 # madvise advice (Linux >= 5.14): fault a range of pages in with one call.

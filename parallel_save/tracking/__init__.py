@@ -1,7 +1,8 @@
 """Dirty-page tracking for live saves: which pages changed since the last
 pass, found while the memory keeps changing.
 
-Three ways, one contract (:class:`DirtyTracker`), chosen by who writes:
+Three ways, one contract (:class:`DirtyTracker`, contract.py), chosen by who
+writes:
 
 - :class:`DirtyLog` (dirtylog.py): writers in any process attached to the
   image mark what they wrote in a shared log;

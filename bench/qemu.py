@@ -11,7 +11,8 @@ The VMs started here never run guest code (``-S``), and their RAM is a
 a load.
 
 Standard library only: it is imported by tests and benchmarks that must not
-pull in anything else.
+pull in anything else.  It is a development tool of the repository (like the
+rest of ``bench``), not part of the installed package.
 """
 
 from __future__ import annotations
@@ -69,9 +70,7 @@ class QemuError(Exception):
     stderr, because a failed load is often explained only there.
     """
 
-    def __init__(
-        self, message: str, *, desc: str | None = None, stderr: str = ""
-    ) -> None:
+    def __init__(self, message: str, *, desc: str | None = None, stderr: str = "") -> None:
         full = message
         if stderr.strip():
             full += "\n--- QEMU stderr (tail) ---\n" + stderr.rstrip()
@@ -173,9 +172,7 @@ class QMP:
             self.close()
             raise
 
-    def _connect(
-        self, timeout: float, alive: Callable[[], bool] | None
-    ) -> socket.socket:
+    def _connect(self, timeout: float, alive: Callable[[], bool] | None) -> socket.socket:
         deadline = time.monotonic() + timeout
         delay = 0.005
         while True:
@@ -186,9 +183,7 @@ class QMP:
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 sock.close()
                 if alive is not None and not alive():
-                    raise QemuError(
-                        "QEMU exited before its QMP socket accepted"
-                    ) from exc
+                    raise QemuError("QEMU exited before its QMP socket accepted") from exc
                 if time.monotonic() >= deadline:
                     raise QemuError(
                         f"QMP socket {self.path} not ready after {timeout:.0f} s"
@@ -342,9 +337,7 @@ class QemuVM:
         if binary is None:
             raise QemuError(f"{QEMU_SYSTEM} not found on PATH")
         if machine not in _MACHINES:
-            raise ValueError(
-                f"machine must be one of {sorted(_MACHINES)}, not {machine!r}"
-            )
+            raise ValueError(f"machine must be one of {sorted(_MACHINES)}, not {machine!r}")
         if size <= 0 or size % 4096:
             raise ValueError(f"size must be a positive multiple of 4096, not {size}")
 
@@ -393,9 +386,7 @@ class QemuVM:
             *extra_args,
         ]
         setpriv = shutil.which("setpriv")
-        argv = (
-            [setpriv, "--pdeathsig", "KILL", "--", *self.args] if setpriv else self.args
-        )
+        argv = [setpriv, "--pdeathsig", "KILL", "--", *self.args] if setpriv else self.args
 
         with open(self.stderr_path, "wb") as err:
             self.proc: subprocess.Popen[bytes] = subprocess.Popen(
@@ -489,9 +480,7 @@ class QemuVM:
         is read from HMP's ``info ramblock`` table (name first, then page
         size, offset, used, total, host address, ro/rw).
         """
-        table: str = self.qmp.execute(
-            "human-monitor-command", {"command-line": "info ramblock"}
-        )
+        table: str = self.qmp.execute("human-monitor-command", {"command-line": "info ramblock"})
         blocks: dict[str, int] = {}
         for line in table.splitlines()[1:]:  # the first line is the header
             fields = line.split()
@@ -532,18 +521,14 @@ class QemuVM:
         paused due to previous migration").
         """
         if direct_io and multifd_channels <= 0:
-            raise ValueError(
-                "direct_io only takes effect with multifd (multifd_channels > 0)"
-            )
+            raise ValueError("direct_io only takes effect with multifd (multifd_channels > 0)")
         uri = self._uri(path, offset)
         self._configure(multifd_channels, direct_io)
         started = time.monotonic()
         try:
             self.qmp.execute("migrate", uri=uri)
         except QemuError as exc:
-            raise self._error(
-                f"migrate to {path} refused: {exc.desc}", exc.desc
-            ) from exc
+            raise self._error(f"migrate to {path} refused: {exc.desc}", exc.desc) from exc
         return self._wait_migration("save", started, timeout)
 
     def load(
@@ -577,9 +562,7 @@ class QemuVM:
         if not self.incoming:
             raise QemuError("load() needs a VM started with incoming=True")
         if direct_io and multifd_channels <= 0:
-            raise ValueError(
-                "direct_io only takes effect with multifd (multifd_channels > 0)"
-            )
+            raise ValueError("direct_io only takes effect with multifd (multifd_channels > 0)")
         args: dict[str, Any] = {"uri": self._uri(path, offset)}
         self._configure(multifd_channels, direct_io)
         if self.version is None or self.version >= _EXIT_ON_ERROR_MIN_VERSION:
@@ -631,9 +614,7 @@ class QemuVM:
             raise QemuError(f"QEMU {self.version} has no direct-io (needs 9.1)")
         self.qmp.execute("migrate-set-parameters", params)
 
-    def _wait_migration(
-        self, what: str, started: float, timeout: float
-    ) -> dict[str, Any]:
+    def _wait_migration(self, what: str, started: float, timeout: float) -> dict[str, Any]:
         """Poll query-migrate until the migration completes; raise otherwise."""
         deadline = started + timeout
         delay = 0.002
@@ -659,9 +640,7 @@ class QemuVM:
                 if what == "save":
                     with contextlib.suppress(QemuError):
                         self.qmp.execute("migrate_cancel")
-                raise self._error(
-                    f"{what} not completed after {timeout} s (status {status})"
-                )
+                raise self._error(f"{what} not completed after {timeout} s (status {status})")
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
 
