@@ -6,6 +6,7 @@
     parallel-save verify IMAGE --block NAME=PATH ...   compare with the sources
     parallel-save demo                                 save and restore a generated image
     parallel-save status BOARD                         a running save's progress
+    parallel-save clean [DIR ...]                      remove what killed saves left
 
 Every user mistake ends in one line on stderr, ``parallel-save: error: ...``,
 with exit status 2 for a bad command line and 1 for a failure; ``--debug``
@@ -33,6 +34,7 @@ from typing import Any, ClassVar, NoReturn, Self
 import numpy as np
 
 from ._version import __version__
+from .artifacts import clean, stale_files
 from .blocks import BlockMapping, BlockSource, RamBlock
 from .directio import check_direct_io
 from .errors import BlockError, DirectIOError, ParallelSaveError
@@ -259,18 +261,6 @@ def block_file_name(name: str) -> str:
 # --- save ---
 
 
-def _check_direct_io_beside(image: str) -> None:
-    """Refuse --direct-io before anything is written: the image may not
-    exist yet, so a temporary file beside it is probed."""
-    with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(image)),
-                                     prefix=".parallel-save-probe-") as probe:
-        try:
-            check_direct_io(probe.name, writable=True, option="--direct-io")
-        except DirectIOError as error:
-            raise DirectIOError(f"{image}: {str(error).removeprefix(probe.name + ': ')}"
-                                ) from None
-
-
 def cmd_save(args: argparse.Namespace) -> int:
     paths = _unique_blocks(args.block)
     image_dir = os.path.dirname(os.path.abspath(args.image))
@@ -280,14 +270,17 @@ def cmd_save(args: argparse.Namespace) -> int:
         if _same_file(path, args.image):
             raise Failure(f"{args.image} is also the source of block {name!r}")
     blocks = [_source_block(name, path) for name, path in paths.items()]
-    if args.direct_io:
-        _check_direct_io_beside(args.image)
     machine = MACHINE_PRESETS.get(args.machine, args.machine)
     with _progress(args) as bar:
-        stats = save(args.image, blocks, args.channels, direct_io=args.direct_io,
-                     machine=machine, sync=not args.no_sync, start=args.offset,
-                     in_place=args.in_place, status_board=args.status_board,
-                     on_progress=bar)
+        try:
+            stats = save(args.image, blocks, args.channels, direct_io=args.direct_io,
+                         machine=machine, sync=not args.no_sync, start=args.offset,
+                         in_place=args.in_place, status_board=args.status_board,
+                         mode=args.mode, follow_symlinks=args.follow_symlinks,
+                         on_progress=bar)
+        except DirectIOError as error:
+            # Refused before anything was written; named as the user spelt it.
+            raise DirectIOError(str(error).replace("(direct_io)", "(--direct-io)")) from None
     ram = sum(b.length for b in blocks)
     seconds = stats.total_seconds
     text = (f"saved {args.image}: {ram // PAGE_SIZE} pages ({stats.pages_written} written, "
@@ -618,6 +611,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    directories = args.directory
+    for directory in directories:
+        if not os.path.isdir(directory):
+            raise Failure(f"{directory}: no such directory")
+    found = stale_files(directories) if args.dry_run else clean(directories)
+    verb = "would remove" if args.dry_run else "removed"
+    text = "\n".join(f"{verb} {path}" for path in found) or "nothing left by dead saves"
+    _emit(args, text, {"dry_run": args.dry_run, "files": found})
+    return 0
+
+
+def _mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal file mode such as 600 "
+                                         f"or 640")
+    return mode
+
+
 # --- the parser ---
 
 
@@ -661,6 +677,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write IMAGE directly instead of a temporary file renamed at the end")
     sub.add_argument("--status-board", metavar="BOARD",
                      help="publish progress under this name for 'parallel-save status BOARD'")
+    sub.add_argument("--mode", type=_mode, default=None, metavar="OCTAL",
+                     help="the new image's mode (default 600, or the mode of the image it "
+                     "replaces): it holds memory")
+    sub.add_argument("--follow-symlinks", action="store_true",
+                     help="save where a symbolic link at IMAGE leads (refused by default)")
     transfer_options(sub)
     sub.set_defaults(run=cmd_save)
 
@@ -709,6 +730,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("board", metavar="BOARD")
     sub.add_argument("--json", action="store_true", help="print as JSON")
     sub.set_defaults(run=cmd_status)
+
+    sub = command("clean", "remove what saves that were killed left behind (this user's)")
+    sub.add_argument("directory", nargs="*", metavar="DIR",
+                     help="also look for partial images in these directories (the "
+                     "segments in /dev/shm are always looked at)")
+    sub.add_argument("--dry-run", action="store_true", help="only list what would go")
+    sub.add_argument("--json", action="store_true", help="print as JSON")
+    sub.set_defaults(run=cmd_clean)
     return parser
 
 

@@ -15,6 +15,7 @@ import re
 import select
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -507,7 +508,7 @@ def test_bench_is_not_a_command_of_the_installed_tool(capsys):
     # The benchmarks are a tool of the repository (python -m bench), not shipped.
     assert cli(capsys, "bench", "--help") == failure(
         2, "argument COMMAND: invalid choice: 'bench' (choose from 'save', 'restore', "
-        "'inspect', 'verify', 'demo', 'status')")
+        "'inspect', 'verify', 'demo', 'status', 'clean')")
 
 
 # --- QEMU loads what the command writes ---
@@ -525,3 +526,54 @@ def test_qemu_loads_an_image_the_command_saved(shm, tmp_path):
     with QemuVM(loaded, size, machine="none", incoming=True) as vm:
         load_into_qemu(vm, image)
     assert np.array_equal(file_array(loaded), guest.array)
+
+
+# --- a shared machine ---
+
+
+def test_save_creates_the_image_0600_and_mode_widens_it(capsys, ram, tmp_path):
+    assert cli(capsys, "save", tmp_path / "a.img", "--block", spec(ram), "--quiet")[0] == 0
+    assert stat.S_IMODE((tmp_path / "a.img").stat().st_mode) == 0o600
+    assert cli(capsys, "save", tmp_path / "b.img", "--block", spec(ram), "--quiet",
+               "--mode", "640")[0] == 0
+    assert stat.S_IMODE((tmp_path / "b.img").stat().st_mode) == 0o640
+
+
+def test_save_refuses_a_mode_that_is_not_octal(capsys, ram, tmp_path):
+    status, out, err = cli(capsys, "save", tmp_path / "a.img", "--block", spec(ram),
+                           "--mode", "rw-r--r--")
+    assert (status, out) == (2, "")
+    assert "argument --mode: 'rw-r--r--' is not an octal file mode such as 600 or 640" in err
+    assert not (tmp_path / "a.img").exists()
+
+
+def test_save_refuses_a_symlink_unless_asked_to_follow_it(capsys, ram, tmp_path):
+    real, link = tmp_path / "real.img", tmp_path / "vm.img"
+    link.symlink_to(real)
+    assert cli(capsys, "save", link, "--block", spec(ram)) == failure(
+        1, f"{link}: is a symbolic link; refused (give follow_symlinks=True, "
+           f"--follow-symlinks, to save where it leads)")
+    assert not real.exists()
+    assert cli(capsys, "save", link, "--block", spec(ram), "--quiet",
+               "--follow-symlinks")[0] == 0
+    assert link.is_symlink() and real.is_file()
+
+
+def test_clean_removes_a_dead_saves_partial_image(capsys, tmp_path):
+    process = subprocess.run(["true"], check=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    partial = tmp_path / f".vm.img.{dead.pid}-0badcafe.partial"
+    partial.write_bytes(b"pages of a killed save")
+    status, out, _ = cli(capsys, "clean", tmp_path, "--dry-run")
+    assert (status, partial.exists()) == (0, True)
+    assert f"would remove {partial}" in out.splitlines()
+    status, out, _ = cli(capsys, "clean", tmp_path)
+    assert (status, partial.exists()) == (0, False)
+    assert f"removed {partial}" in out.splitlines()
+    assert process.returncode == 0
+
+
+def test_clean_of_a_missing_directory_is_an_error(capsys, tmp_path):
+    assert cli(capsys, "clean", tmp_path / "nowhere") == failure(
+        1, f"{tmp_path / 'nowhere'}: no such directory")
