@@ -385,3 +385,26 @@ def test_a_sigkilled_save_leaves_nothing_to_clean(shm, tmp_path):
     assert files_in(tmp_path / "images") == []
     assert not [n for n in os.listdir(SEGMENT_DIR)
                 if n.startswith(f"parallel-save-{process.pid}-")]
+
+
+def test_a_save_in_place_killed_right_after_its_cut_leaves_an_incomplete_image(shm, tmp_path):
+    path = tmp_path / "vm.img"
+    ps.save(path, [shm.block("ram0", 256, fill=0.5)], channels=1)
+    script = tmp_path / "cut_then_die.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        import parallel_save as ps
+        from parallel_save import saver
+
+        block = ps.RamBlock.from_file("ram0", sys.argv[2])
+        # Die the moment the old stream is cut, before our header is written.
+        saver.Saver._write_setup = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+        ps.save(sys.argv[1], [block], channels=1, in_place=True)
+    """))
+    block = shm.block("ram0", 256, fill=0.5, seed=5)
+    done = subprocess.run([sys.executable, str(script), str(path), block.source.path],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    assert path.stat().st_blocks * 512 <= 64 * 1024  # the old pages are cut off
+    with pytest.raises(ps.IncompleteImageError, match="did not complete"):
+        ps.open_image(path)
