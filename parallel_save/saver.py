@@ -333,12 +333,12 @@ class Saver:
     def _cut_in_place(self) -> None:
         """Drop an older stream in the file before writing ours, so that a
         failure leaves no stale END.  The file is cut just past where our
-        setup goes, never to nothing: a save killed right after the cut
+        header goes, never to nothing: a save killed right after the cut
         leaves the old header's start, which reads as an incomplete image,
         not as "not an image"."""
-        setup_end = max(offset + len(data) for offset, data in encode_setup(self.layout))
-        if os.fstat(self._file.fd).st_size > setup_end:
-            self._on_file(os.ftruncate, setup_end)
+        offset, header = encode_setup(self.layout)[0]  # the stream's header
+        if os.fstat(self._file.fd).st_size > offset + len(header):
+            self._on_file(os.ftruncate, offset + len(header))
 
     def _write_setup(self) -> None:
         for offset, data in encode_setup(self.layout):
