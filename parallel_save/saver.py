@@ -33,8 +33,8 @@ import numpy as np
 from ._version import __version__
 from .blocks import RamBlock
 from .channels import ChannelGroup, choose_start_method
-from .errors import BlockError, ImageWriteError, OptionError, SaveStateError
-from .format import encode_setup, encode_tail, plan_layout
+from .errors import BlockError, FormatError, ImageWriteError, OptionError, SaveStateError
+from .format import decode_stream, encode_setup, encode_tail, plan_layout
 from .imagefile import ImageFile
 from .signals import signals_deferred
 from .stats import PassStats, SaveStats, StatusBoard
@@ -331,17 +331,28 @@ class Saver:
                                  f"{_STATE_WORDS[self.state]}")
 
     def _cut_in_place(self) -> None:
-        """Drop an older stream in the file before writing ours, so that a
-        failure leaves no stale END.  The file is cut just past where our
-        header goes, never to nothing: a save killed right after the cut
-        leaves the old header's start, which reads as an incomplete image,
-        not as "not an image"."""
-        offset, header = encode_setup(self.layout)[0]  # the stream's header
-        if os.fstat(self._file.fd).st_size > offset + len(header):
-            self._on_file(os.ftruncate, offset + len(header))
+        """Drop the older stream in the file before writing ours, so that a
+        failure never leaves a stale END, and never a file that reads as
+        "not an image" either: first its END goes (cut at its tail: it
+        reads as an incomplete stream), then setup writes our header, cuts
+        everything after it (the old pages: they held memory) and only then
+        writes the rest."""
+        fd = self._file.fd
+        if os.fstat(fd).st_size <= self.layout.start:
+            return
+        try:
+            old_tail = decode_stream(fd, self.path, self.layout.start).layout.tail_offset
+        except FormatError:
+            old_tail = self.layout.start  # not a stream: nothing to keep readable
+        self._on_file(os.ftruncate, old_tail)
+        if self.sync:
+            self._on_file(os.fdatasync)  # the old END is gone before anything is written
 
     def _write_setup(self) -> None:
-        for offset, data in encode_setup(self.layout):
+        (offset, header), *rest = encode_setup(self.layout)
+        self._pwrite(header, offset)
+        self._on_file(os.ftruncate, offset + len(header))
+        for offset, data in rest:
             self._pwrite(data, offset)
 
     def _abandon(self) -> None:

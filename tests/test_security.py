@@ -397,14 +397,14 @@ def test_a_save_in_place_killed_right_after_its_cut_leaves_an_incomplete_image(s
         from parallel_save import saver
 
         block = ps.RamBlock.from_file("ram0", sys.argv[2])
-        # Die the moment the old stream is cut, before our header is written.
+        # Die the moment the old stream's END is cut, before our header is
+        # written.
         saver.Saver._write_setup = lambda self: os.kill(os.getpid(), signal.SIGKILL)
         ps.save(sys.argv[1], [block], channels=1, in_place=True)
     """))
     block = shm.block("ram0", 256, fill=0.5, seed=5)
     done = subprocess.run([sys.executable, str(script), str(path), block.source.path],
-                          capture_output=True, text=True, timeout=60)
+                          check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == -signal.SIGKILL
-    assert path.stat().st_blocks * 512 <= 64 * 1024  # the old pages are cut off
     with pytest.raises(ps.IncompleteImageError, match="did not complete"):
         ps.open_image(path)
