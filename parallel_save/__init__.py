@@ -17,8 +17,11 @@ from .blocks import RamBlock
 from .errors import (
     BlockError,
     ChannelError,
+    ClosedImageError,
     DirectIOError,
+    FileError,
     FormatError,
+    ImageNotFoundError,
     IncompleteImageError,
     ParallelSaveError,
     SaveStateError,
@@ -28,16 +31,21 @@ from .restorer import restore
 from .saver import Saver, save
 from .stats import PassStats, RestoreStats, SaveStats, read_status
 from .tracking import DirtyLog, DirtyTracker, TrackingError, UffdTracker, uffd_support
+from .verify import BlockVerdict, VerifyResult, describe_image, verify_image
 
 __all__ = [
                      "BlockError",
                      "BlockInfo",
+                     "BlockVerdict",
                      "ChannelError",
+                     "ClosedImageError",
                      "DirectIOError",
                      "DirtyLog",
                      "DirtyTracker",
+                     "FileError",
                      "FormatError",
                      "Image",
+                     "ImageNotFoundError",
                      "IncompleteImageError",
                      "ParallelSaveError",
                      "PassStats",
@@ -48,10 +56,13 @@ __all__ = [
                      "Saver",
                      "TrackingError",
                      "UffdTracker",
+                     "VerifyResult",
                      "__version__",
+                     "describe_image",
                      "open_image",
                      "read_status",
                      "restore",
                      "save",
                      "uffd_support",
+                     "verify_image",
 ]

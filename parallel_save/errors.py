@@ -61,3 +61,27 @@ class ChannelError(ParallelSaveError):
 
 class SaveStateError(ParallelSaveError):
     """A Saver method was called out of order (iterate before setup, ...)."""
+
+
+class FileError(ParallelSaveError, OSError):
+    """A file cannot be used as asked: missing, not a regular file (a FIFO,
+    a device...), a symbolic link where none was expected, refused by the
+    system.  ``filename`` is the path, ``strerror`` the reason, ``errno``
+    the error number when a system call failed (else None)."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}" if self.filename else str(self.strerror)
+
+
+class ImageNotFoundError(FileError, FileNotFoundError):
+    """The image file does not exist (also a :class:`FileNotFoundError`)."""
+
+
+class ClosedImageError(ParallelSaveError, ValueError):
+    """An :class:`~parallel_save.Image` was read after ``close()``."""
+
+
+class DestinationError(ParallelSaveError):
+    """A destination of a restore cannot be used as given: two blocks into
+    one file, a missing directory, not enough space, a file replaced while
+    the restore was prepared."""
