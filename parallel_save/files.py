@@ -56,9 +56,12 @@ def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY, *,
         if error.errno == errno.ELOOP and not follow_symlinks:
             raise FileError(error.errno, "is a symbolic link (refused: it could point "
                             "anywhere)", path) from None
-        if error.errno == errno.ENXIO:  # a FIFO with no reader, a socket
-            raise FileError(error.errno, "not a regular file (no such device or "
-                            "address)", path) from None
+        if error.errno == errno.ENXIO:  # a socket, a FIFO with no reader to write to
+            try:
+                mode = os.stat(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks).st_mode
+            except OSError:
+                mode = 0
+            raise not_regular(path, mode) from None
         raise FileError(error.errno, error.strerror, path) from None
     try:
         mode = os.fstat(fd).st_mode

@@ -128,6 +128,7 @@ class BlockInfo:
         write into a destination known to be zero).  Equal to the packed
         bitmap for any image a save or QEMU wrote (their present pages are
         written data); the cost is a pair of lseeks per run of present pages."""
+        self.check_in_file()
         packed = np.zeros(self.layout.bitmap_size, dtype=np.uint8)
         fd = self._image.fileno()
         pages_offset = self.layout.pages_offset
@@ -147,6 +148,16 @@ class BlockInfo:
                                (hole_end - pages_offset) // PAGE_SIZE - first_page)
             packed[offset:offset + chunk.size] = chunk
         return packed
+
+    def check_in_file(self) -> None:
+        """Refuse a file cut short since it was opened: past its end a
+        block's pages would read as a hole, i.e. zero, silently."""
+        size = os.fstat(self._image.fileno()).st_size
+        if size < self.layout.end:
+            raise FormatError(f"block {self.name!r}: pages {self.layout.pages_offset}.."
+                              f"{self.layout.end} are past the end of the file ({size} "
+                              f"bytes): the image was truncated while it was read",
+                              path=self._image.path, offset=max(size, self.layout.pages_offset))
 
     @property
     def bitmap(self) -> np.ndarray:
@@ -277,6 +288,7 @@ class Image:
             for first, last in zip(*bit_runs(present)):
                 self._read_pages(fd, block, target, (first_page + first) * PAGE_SIZE,
                                  (first_page + last) * PAGE_SIZE)
+        block.check_in_file()  # a hole read as zero may have been the file cut short
         return target
 
     def _read_pages(self, fd: int, block: BlockInfo, target: np.ndarray, first: int,

@@ -192,6 +192,7 @@ def compare_block(image: Image, name: str, source: Source) -> BlockVerdict:
                 # COMPARE_PAGES is a multiple of 8: whole bytes of the bitmap.
                 differing[first_page // 8:first_page // 8 + (count + 7) // 8] = np.packbits(
                     pages, bitorder="little")
+        block.check_in_file()  # a hole read as zero may have been the file cut short
         return BlockVerdict(name, block.pages, differing)
     finally:
         opened.close()
