@@ -223,7 +223,10 @@ def _open_directory(path: str, follow_symlinks: bool) -> int:
     try:
         return os.open(path, flags)
     except OSError as error:
-        if error.errno == errno.ELOOP:
+        # O_NOFOLLOW with O_DIRECTORY: a link is ELOOP or ENOTDIR, by kernel
+        linked = error.errno in (errno.ELOOP, errno.ENOTDIR) and not follow_symlinks and \
+            stat.S_ISLNK(os.lstat(path).st_mode)
+        if linked:
             raise FileError(error.errno, "is a symbolic link (refused: pass "
                             "--follow-symlinks to write through it)", path) from None
         if error.errno == errno.ENOTDIR:
