@@ -125,10 +125,17 @@ class BlockInfo:
         """:meth:`packed_bitmap` with the bits cleared of the pages whose
         bytes lie wholly in a hole of the image: what a reader must copy.
         Such a page reads as zero, so it is restored as a clear page is (no
-        write into a destination known to be zero).  Equal to the packed
-        bitmap for any image a save or QEMU wrote (their present pages are
-        written data); the cost is a pair of lseeks per run of present pages."""
+        write into a destination known to be zero).
+
+        Equal to the packed bitmap for any image a save or QEMU wrote (their
+        present pages are written data), so the holes are looked for (a pair
+        of lseeks per run of present pages) only where they matter: when the
+        bitmaps claim more pages than the file holds bytes
+        (:attr:`Image.holes_matter`).  Otherwise writing what the bits say
+        costs at most what the file holds, and the packed bitmap is returned."""
         self.check_in_file()
+        if not self._image.holes_matter:
+            return self.packed_bitmap()
         packed = np.zeros(self.layout.bitmap_size, dtype=np.uint8)
         fd = self._image.fileno()
         pages_offset = self.layout.pages_offset
@@ -194,6 +201,7 @@ class Image:
                  allow_incomplete: bool = False) -> None:
         self.path = os.fspath(path)
         self._fd = -1
+        self._holes_matter: bool | None = None
         try:
             self._fd = open_regular(self.path)
         except FileError as error:
@@ -222,6 +230,18 @@ class Image:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    @property
+    def holes_matter(self) -> bool:
+        """Whether the bitmaps claim more present pages than the file has
+        bytes on disk: then some present pages are surely holes, and a
+        reader that copied them would write more than the file holds (a
+        "bomb": a 72 KiB file whose bits claim 2 GiB).  Counted once, from
+        the packed bitmaps."""
+        if self._holes_matter is None:
+            claimed = sum(b.pages_present for b in self.blocks.values()) * PAGE_SIZE
+            self._holes_matter = claimed > os.fstat(self.fileno()).st_blocks * 512
+        return self._holes_matter
 
     def fileno(self) -> int:
         """The descriptor of the validated file (read-only, close-on-exec).
@@ -293,11 +313,13 @@ class Image:
 
     def _read_pages(self, fd: int, block: BlockInfo, target: np.ndarray, first: int,
                     end: int) -> None:
-        """Bytes [first, end) of the block into ``target``, by data run:
-        a hole inside a partly-written page reads as zero."""
+        """Bytes [first, end) of the block into ``target``; by data run
+        when holes matter (a hole reads as zero, and is not read)."""
         pages_offset = block.layout.pages_offset
+        runs = (data_runs(fd, pages_offset + first, pages_offset + end) if self.holes_matter
+                else [(pages_offset + first, pages_offset + end)])
         at = first
-        for run, run_end in data_runs(fd, pages_offset + first, pages_offset + end):
+        for run, run_end in runs:
             if run - pages_offset > at:
                 target[at:run - pages_offset] = 0
             for offset in range(run, run_end, READ_LIMIT):

@@ -151,9 +151,12 @@ def test_8kib_file_claiming_8tib_inspects_in_bounded_memory(capsys, tmp_path):
 
 
 def child_peak_rss(script: str, *args: str) -> int:
-    """Run ``script`` in a fresh interpreter; its peak RSS in bytes."""
-    done = subprocess.run([sys.executable, "-c", script + "\nimport resource\n"
-                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)", *args],
+    """Run ``script`` in a fresh interpreter; its peak RSS in bytes.  From
+    VmHWM, the high-water mark of the process's own memory: ru_maxrss
+    would carry over the forking test worker's (kept across exec)."""
+    done = subprocess.run([sys.executable, "-c", script + "\nimport re\n"
+                           "print(re.search(r'VmHWM:\\s+(\\d+) kB', "
+                           "open('/proc/self/status').read())[1])", *args],
                           check=True, capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).parent.parent)
     return int(done.stdout.split()[-1]) * 1024
