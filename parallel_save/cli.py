@@ -45,7 +45,7 @@ from .restorer import restore, unmatched_blocks
 from .saver import MAX_CHANNELS, save
 from .signals import terminate_cleanly
 from .stats import read_status
-from .verify import describe_image, verify_image
+from .verify import LISTED_PAGES, describe_image, verify_image
 
 PROG = "parallel-save"
 DEFAULT_CHANNELS = 4
@@ -57,11 +57,9 @@ SHM_DIR = "/dev/shm"
 # them.  Any other name is written as given.
 MACHINE_PRESETS = {"q35": "pc-q35-10.0", "pc": "pc-i440fx-10.0"}
 
-# Pages handled per step when verify compares and demo fills or compares:
+# Pages handled per step when the demo fills or compares its block:
 # bounded temporaries, whatever the block's size.
 COMPARE_PAGES = 16384
-# Page numbers listed per block when verify finds differences.
-LISTED_PAGES = 20
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -663,8 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mode of the files written (default: 600 for the files created, "
                      "existing files keep theirs)")
     sub.add_argument("--follow-symlinks", action="store_true",
-                     help="write through destinations that are symbolic links (refused "
-                     "by default)")
+                     help="write through destinations that are symbolic links, and into "
+                     "files in --outdir that another user owns or that have other hard links "
+                     "(all refused by default)")
     transfer_options(sub)
     sub.set_defaults(run=cmd_restore)
 

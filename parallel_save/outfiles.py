@@ -6,7 +6,9 @@ users, so the destination files are:
 - never written through a symbolic link that was not expected (the last
   component is opened with O_NOFOLLOW; an output directory is opened once,
   without following a link, and its files are made relative to that
-  descriptor), and never a FIFO, device or directory;
+  descriptor), and never a FIFO, device or directory; in an output
+  directory, never a file another user owns or one with other hard links
+  (``follow_symlinks`` allows all of these: the user trusts the place);
 - created 0600 whatever the umask (``mode`` widens that, exactly);
 - one file per block: two blocks never land in one file, whether through
   names that collide or paths that are the same inode (hard links too);
@@ -236,9 +238,12 @@ def _open_directory(path: str, follow_symlinks: bool) -> int:
         raise FileError(error.errno, error.strerror, path) from None
 
 
-def _check_existing(out: OutFile, follow_symlinks: bool) -> None:
+def _check_existing(out: OutFile, follow_symlinks: bool, planted: bool = False) -> None:
     """Refuse, before anything is touched, a destination that is a link
-    (unless followed) or not a regular file."""
+    (unless followed) or not a regular file.  ``planted``: the name comes
+    from the image, not from the user (--outdir), so a file there may have
+    been planted by someone else: one owned by another user, or with other
+    hard links, would let them read the memory written into it."""
     info = _lstat(out.entry, out.dir_fd)
     if info is None:
         return
@@ -253,6 +258,14 @@ def _check_existing(out: OutFile, follow_symlinks: bool) -> None:
                             out.path) from None
     if not stat.S_ISREG(info.st_mode):
         raise not_regular(out.path, info.st_mode)
+    if planted and not follow_symlinks and info.st_uid != os.geteuid():
+        raise FileError(None, f"exists and belongs to user {info.st_uid}, who could read "
+                        f"what is restored into it (refused: remove it, or pass "
+                        f"--follow-symlinks to write into it anyway)", out.path)
+    if planted and not follow_symlinks and info.st_nlink > 1:
+        raise FileError(None, f"exists with {info.st_nlink} hard links, which could be read "
+                        f"elsewhere (refused: remove it, or pass --follow-symlinks to write "
+                        f"into it anyway)", out.path)
     out.existing = info
 
 
@@ -301,7 +314,7 @@ def plan_outdir(outdir: str | os.PathLike, file_names: Mapping[str, str],
             out = OutFile(name, os.path.join(outdir, file_name), lengths[name],
                           dir_fd=plan.outdir_fd, entry=file_name, in_outdir=True)
             if plan.outdir_fd is not None:
-                _check_existing(out, follow_symlinks)
+                _check_existing(out, follow_symlinks, planted=True)
             plan.files.append(out)
         _refuse_shared_files(plan.files)
     except BaseException:

@@ -294,3 +294,27 @@ def test_inspect_escapes_terminal_controls_from_the_image(capsys, shm, tmp_path)
     data = json.loads(out)
     assert (data["machine"], data["blocks"][0]["name"]) == ("pc" + evil, "ram0" + evil)
     assert "\x1b" not in out
+
+
+def test_outdir_file_planted_by_another_user_is_refused(capsys, image, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    planted = out / "ram0"
+    planted.write_bytes(b"theirs")
+    os.chown(planted, 65534, 65534)
+    assert cli(capsys, "restore", image, "--outdir", out) == (1, "", error_line(
+        f"{planted}: exists and belongs to user 65534, who could read what is restored into "
+        f"it (refused: remove it, or pass --follow-symlinks to write into it anyway)"))
+    assert planted.read_bytes() == b"theirs"
+
+
+def test_outdir_file_hard_linked_elsewhere_is_refused(capsys, image, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    elsewhere = tmp_path / "copy"
+    elsewhere.write_bytes(b"mine")
+    os.link(elsewhere, out / "ram0")
+    assert cli(capsys, "restore", image, "--outdir", out) == (1, "", error_line(
+        f"{out}/ram0: exists with 2 hard links, which could be read elsewhere (refused: "
+        f"remove it, or pass --follow-symlinks to write into it anyway)"))
+    assert elsewhere.read_bytes() == b"mine"
