@@ -168,9 +168,10 @@ class BlockInfo:
 
     @property
     def bitmap(self) -> np.ndarray:
-        """One bool per page, True where the page's bytes are in the file
-        (its bit is set and its bytes are not a hole): :meth:`data_bitmap`
-        unpacked.  Costs one byte per page: prefer the packed forms."""
+        """One bool per page, True where the page is to be read from the
+        file: :meth:`data_bitmap` unpacked (the bits set, less the pages in
+        holes when the bits claim more than the file holds).  Costs one byte
+        per page: prefer the packed forms."""
         return np.unpackbits(self.data_bitmap(), count=self.pages,
                              bitorder="little").view(bool)
 
