@@ -24,9 +24,12 @@ from ._version import __version__
 from .errors import (
     BlockError,
     ChannelError,
+    ClosedImageError,
     DestinationError,
     DirectIOError,
+    FileError,
     FormatError,
+    ImageNotFoundError,
     ImageWriteError,
     IncompleteImageError,
     OptionError,
@@ -45,6 +48,8 @@ _LAZY = {
     "read_status": "stats",
     "DirtyLog": "tracking", "DirtyTracker": "tracking", "HashTracker": "tracking",
     "TrackingError": "tracking", "UffdTracker": "tracking", "uffd_support": "tracking",
+    "BlockVerdict": "verify", "VerifyResult": "verify", "describe_image": "verify",
+    "verify_image": "verify",
 }
 
 if TYPE_CHECKING:
@@ -62,6 +67,7 @@ if TYPE_CHECKING:
         UffdTracker,
         uffd_support,
     )
+    from .verify import BlockVerdict, VerifyResult, describe_image, verify_image
 
 
 def __getattr__(name: str) -> Any:
@@ -80,14 +86,18 @@ def __dir__() -> list[str]:
 __all__ = [
     "BlockError",
     "BlockInfo",
+    "BlockVerdict",
     "ChannelError",
+    "ClosedImageError",
     "DestinationError",
     "DirectIOError",
     "DirtyLog",
     "DirtyTracker",
+    "FileError",
     "FormatError",
     "HashTracker",
     "Image",
+    "ImageNotFoundError",
     "ImageWriteError",
     "IncompleteImageError",
     "OptionError",
@@ -100,11 +110,14 @@ __all__ = [
     "Saver",
     "TrackingError",
     "UffdTracker",
+    "VerifyResult",
     "__version__",
     "clean",
+    "describe_image",
     "open_image",
     "read_status",
     "restore",
     "save",
     "uffd_support",
+    "verify_image",
 ]

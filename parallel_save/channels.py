@@ -66,6 +66,8 @@ from .workers import channel as channel_process
 PROGRESS_INTERVAL = 0.1
 # How long a channel may take to exit after "stop" before it is killed.
 STOP_GRACE = 2.0
+# Bitmap bytes handled per numpy call when loading a pass: bounded memory.
+BITMAP_STEP = 1 << 20
 START_METHODS = ("fork", "spawn")
 
 # progress(pages handled in this pass, pages to handle in this pass)
@@ -259,9 +261,12 @@ class ChannelGroup:
         """Read each block's present pages (``present``: the image's packed
         bitmaps, as on disk) into the destinations; zero the clear pages
         unless the destinations are known to be zero."""
-        self._load_pass_bitmap(present)
-        chunks = np.arange(self.control.layout.chunks)
-        total = sum(self.control.layout.block_pages)
+        present_pages = self._load_pass_bitmap(present)
+        if zero_clear:
+            chunks = np.arange(self.control.layout.chunks)
+            total = sum(self.control.layout.block_pages)
+        else:  # only chunks with pages to read: an empty image costs nothing
+            chunks, total = self._chunks_with_bits(), present_pages
         return self._run([(RESTORE, shard, zero_clear)
                           for shard in deal_chunks(chunks, self.count)], progress, total)
 
@@ -277,24 +282,31 @@ class ChannelGroup:
 
     def _load_pass_bitmap(self, packed: Sequence[np.ndarray | None]) -> int:
         """Put a pass's packed bitmaps in the control segment; returns the
-        number of set bits."""
+        number of set bits.  Step by step, and only the steps that changed
+        are written: a huge, mostly empty bitmap costs the segment no
+        memory."""
         control = self.control
         total = 0
         for index, bits in enumerate(packed):
             target = control.block_bits(control.pass_bitmap, index)
             if bits is None:
-                target[:] = 0
-                continue
+                bits = np.zeros(0, dtype=np.uint8)
             if bits.size > target.size:
                 raise ValueError(f"block {index}: {bits.size} bitmap bytes, "
                                  f"expected at most {target.size}")
-            target[:bits.size] = bits
-            target[bits.size:] = 0
+            for at in range(0, target.size, BITMAP_STEP):
+                new = bits[at:at + BITMAP_STEP]
+                old = target[at:at + BITMAP_STEP]
+                if new.size < old.size:
+                    new = np.concatenate((new, np.zeros(old.size - new.size, np.uint8)))
+                if not np.array_equal(old, new):
+                    old[:] = new
             # Bits past the block's last page are not pages.
             spare = target.size * 8 - control.layout.block_pages[index]
             if spare:
                 target[-1] &= 0xFF >> spare
-            total += int(np.unpackbits(target).sum())
+            total += sum(int(np.bitwise_count(target[at:at + BITMAP_STEP]).sum(dtype=np.int64))
+                         for at in range(0, target.size, BITMAP_STEP))
         return total
 
     def _chunks_with_bits(self) -> np.ndarray:

@@ -18,6 +18,7 @@ partial file by then.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -35,15 +36,17 @@ import numpy as np
 
 from ._version import __version__
 from .artifacts import clean, stale_files
-from .blocks import BlockMapping, BlockSource, RamBlock
+from .blocks import RamBlock
 from .directio import check_direct_io
-from .errors import BlockError, DirectIOError, ParallelSaveError
+from .errors import DirectIOError, ParallelSaveError
 from .format import PAGE_SIZE
 from .image import Image, open_image
+from .outfiles import Destinations, plan_outdir, plan_paths
 from .restorer import restore, unmatched_blocks
 from .saver import MAX_CHANNELS, save
 from .signals import terminate_cleanly
 from .stats import read_status
+from .verify import LISTED_PAGES, describe_image, verify_image
 
 PROG = "parallel-save"
 DEFAULT_CHANNELS = 4
@@ -55,11 +58,9 @@ SHM_DIR = "/dev/shm"
 # them.  Any other name is written as given.
 MACHINE_PRESETS = {"q35": "pc-q35-10.0", "pc": "pc-i440fx-10.0"}
 
-# Pages handled per step when verify compares and demo fills or compares:
+# Pages handled per step when the demo fills or compares its block:
 # bounded temporaries, whatever the block's size.
 COMPARE_PAGES = 16384
-# Page numbers listed per block when verify finds differences.
-LISTED_PAGES = 20
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -246,15 +247,18 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def block_file_name(name: str) -> str:
-    """A file name for a block, one per name: QEMU's names hold slashes
-    ("/rom@etc/acpi/tables"), so they are percent-encoded, a leading dot
-    too (no ".", "..", or hidden file); an overlong one is shortened and
-    made unique by a hash of the name."""
+    """A file name for a block, one per name (injective: two blocks never
+    share a file): QEMU's names hold slashes ("/rom@etc/acpi/tables"), so
+    they are percent-encoded, "%" too, and a leading dot (no ".", "..",
+    or hidden file); an overlong one is shortened and made unique by a
+    hash of the name after a "#", which no short name's encoding holds."""
     safe = urllib.parse.quote(name, safe="@+,=")
     if safe.startswith("."):
         safe = "%2E" + safe[1:]
     if len(safe) > 200:
-        safe = safe[:180] + "-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+        # "#" is one character quote() always encodes: no short name's file
+        # name holds one, so a shortened name cannot equal a short one's.
+        safe = safe[:180] + "#" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
     return safe
 
 
@@ -297,61 +301,107 @@ def cmd_save(args: argparse.Namespace) -> int:
 # --- restore ---
 
 
-def _destinations(args: argparse.Namespace, image: Image) -> dict[str, str]:
+def _file_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"expected an octal mode from 0 to 777, such as "
+                                         f"600 or 640, got {text!r}")
+    return mode
+
+
+def _plan_destinations(args: argparse.Namespace, image: Image) -> Destinations:
     """Where each of the image's blocks goes, checked before any file is touched."""
+    lengths = {name: block.length for name, block in image.blocks.items()}
     if args.outdir is not None:
-        return {name: os.path.join(args.outdir, block_file_name(name)) for name in image.blocks}
+        return plan_outdir(args.outdir, {name: block_file_name(name) for name in image.blocks},
+                           lengths, follow_symlinks=args.follow_symlinks, mode=args.mode)
     paths = _unique_blocks(args.block)
     missing, extra = unmatched_blocks(image.blocks, paths)
     if missing or extra:
         raise Failure(f"{args.image} holds blocks {', '.join(map(repr, image.blocks))}"
                       + (f"; no --block for {', '.join(map(repr, missing))}" if missing else "")
                       + (f"; not in the image: {', '.join(map(repr, extra))}" if extra else ""))
-    seen: dict[str, str] = {}
-    for name, path in paths.items():
-        real = os.path.realpath(path)
-        if real in seen:
-            raise Failure(f"blocks {seen[real]!r} and {name!r} would both be written to {path}")
-        seen[real] = name
-    return paths
+    return plan_paths(paths, lengths, follow_symlinks=args.follow_symlinks, mode=args.mode)
 
 
-def _fresh_file(path: str, length: int) -> None:
-    """Create or overwrite ``path`` as ``length`` zero bytes, all holes:
-    the restore then writes only the image's present pages."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.ftruncate(fd, length)
-    finally:
-        os.close(fd)
+def _bytes_to_write(image: Image) -> dict[str, int]:
+    """An upper bound of what restoring each block writes: its present
+    pages, and never more than the image holds on disk (a hostile image
+    may set bits over holes)."""
+    allocated = os.fstat(image.fileno()).st_blocks * 512
+    return {name: min(block.pages_present * PAGE_SIZE, allocated)
+            for name, block in image.blocks.items()}
+
+
+def _out_of_space(error: BaseException, plan: Destinations) -> Failure | None:
+    """A channel writing through a mapping into a full file system fails
+    with EFAULT ("Bad address") or dies of SIGBUS, which reads as a fault
+    of the image: say what it is, naming the destination."""
+    cause = f"{getattr(error, 'cause', '')} {error}"
+    if not (getattr(error, "errno", None) in (errno.EFAULT, errno.ENOSPC, errno.EDQUOT)
+            or "SIGBUS" in cause):
+        return None
+    for out in plan.files:
+        info = os.statvfs(out.directory)
+        free = info.f_bavail * info.f_frsize
+        if free < PAGE_SIZE * 16:
+            return Failure(f"{out.path}: no space left on its file system "
+                           f"({_human_bytes(free)} free) while block {out.name!r} was "
+                           f"restored into it; the image is not at fault")
+    return None
+
+
+def _undone(plan: Destinations) -> str:
+    """Undo what a failed restore did to the destinations, and say so."""
+    removed, changed = plan.rollback()
+    said = []
+    if removed:
+        said.append(f"removed the files it created: {', '.join(removed)}")
+    if changed:
+        said.append(f"these files existed and now hold an incomplete restore (their old "
+                    f"contents are gone): {', '.join(changed)}")
+    return "; ".join(said) or "no destination file was changed"
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     with open_image(args.image, start=args.offset) as image:
         lengths = {name: block.length for name, block in image.blocks.items()}
-        paths = _destinations(args, image)
-    for name, path in paths.items():
-        if _same_file(path, args.image):
-            raise Failure(f"block {name!r} would overwrite the image {path}")
-    if args.direct_io:
-        check_direct_io(args.image, writable=False, option="--direct-io")
-    if args.outdir is not None:
-        os.makedirs(args.outdir, exist_ok=True)
-    for name, path in paths.items():
-        _fresh_file(path, lengths[name])
-    blocks = [RamBlock.from_file(name, path, length=lengths[name]) for name, path in paths.items()]
-    with _progress(args) as bar:
-        stats = restore(args.image, blocks, args.channels, start=args.offset,
-                        direct_io=args.direct_io, assume_zero=True, on_progress=bar)
+        with _plan_destinations(args, image) as plan:
+            plan.check_not(os.fstat(image.fileno()), "the image")
+            if args.direct_io:
+                check_direct_io(args.image, writable=False, option="--direct-io")
+            plan.check_space(_bytes_to_write(image))
+            plan.open()
+            try:
+                blocks = plan.blocks()
+                with _progress(args) as bar:
+                    stats = restore(args.image, blocks, args.channels, start=args.offset,
+                                    direct_io=args.direct_io, assume_zero=True,
+                                    on_progress=bar)
+                del blocks
+            except (ParallelSaveError, OSError) as error:
+                translated = _out_of_space(error, plan)
+                undone = _undone(plan)
+                raise Failure(f"{translated or _error_text(error)}; restore failed, {undone}"
+                              ) from error
+            except BaseException:
+                print(f"{PROG}: restore stopped, {_undone(plan)}", file=sys.stderr)
+                raise
+            paths = plan.paths
+            created_dir = plan.outdir if plan.outdir_created else None
     ram = sum(lengths.values())
     pages = ram // PAGE_SIZE
-    lines = [f"  {name!r} -> {path}" for name, path in paths.items()]
+    lines = [f"created the directory {created_dir} (mode 0700)"] if created_dir else []
+    lines += [f"  {name!r} -> {_printable(path)}" for name, path in paths.items()]
     lines.append(f"restored {args.image}: {pages} pages ({stats.pages_read} read, "
                  f"{pages - stats.pages_read} zero), {_human_bytes(stats.bytes_read)} read in "
                  f"{stats.seconds:.2f} s, {_gbps(ram, stats.seconds):.2f} GB/s")
     data = {"image": args.image, "files": paths, "ram_bytes": ram, "pages": pages,
             "pages_zero": pages - stats.pages_read, "gb_per_s": _gbps(ram, stats.seconds),
-            **stats.to_dict()}
+            "created_directory": created_dir, **stats.to_dict()}
     _emit(args, "\n".join(lines), data)
     return 0
 
@@ -359,36 +409,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
 # --- inspect ---
 
 
-def describe_image(image: Image) -> dict[str, Any]:
-    """What ``inspect --json`` prints; these keys are stable."""
-    size = os.stat(image.path)
-    complete = image.complete
-    blocks = []
-    for block in image.blocks.values():
-        layout = block.layout
-        blocks.append({
-            "name": block.name, "length": block.length, "pages": block.pages,
-            # The bitmaps are written last: an incomplete image has none yet.
-            "pages_present": block.pages_present if complete else None,
-            "pages_zero": block.pages_zero if complete else None,
-            "record_offset": layout.record_offset, "bitmap_offset": layout.bitmap_offset,
-            "pages_offset": layout.pages_offset,
-        })
-    description = image.description or {}
-    return {
-        "path": image.path, "machine": image.machine, "start": image.start,
-        "complete": complete, "incomplete_reason": image.info.incomplete_reason,
-        "iterations": image.info.passes, "capabilities": list(image.info.layout.capabilities),
-        "device_state": image.info.device_sections,
-        "file_size": size.st_size, "disk_usage": size.st_blocks * 512,
-        "ram_bytes": sum(b["length"] for b in blocks),
-        "pages": sum(b["pages"] for b in blocks),
-        "pages_present": sum(b["pages_present"] for b in blocks) if complete else None,
-        "pages_zero": sum(b["pages_zero"] for b in blocks) if complete else None,
-        "blocks": blocks,
-        "description": description.get("parallel_save"),
-        "qemu_description": "parallel_save" not in description and bool(description),
-    }
+def _printable(text: str) -> str:
+    """Text from a file (a machine type, a block name), safe to print on a
+    terminal: every non-printable character (escape sequences, bidi
+    overrides, newlines) shown as a Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -402,10 +429,11 @@ def _inspect_text(info: dict[str, Any]) -> str:
     def count(value: int | None) -> str:
         return "?" if value is None else str(value)
 
-    lines = [f"image         {info['path']}",
-             f"machine       {info['machine']}",
+    lines = [f"image         {_printable(info['path'])}",
+             f"machine       {_printable(info['machine'])}",
              f"stream start  {info['start']}",
-             "complete      " + ("yes" if info["complete"] else f"no: {info['incomplete_reason']}"),
+             "complete      " + ("yes" if info["complete"]
+                                 else f"no: {_printable(info['incomplete_reason'])}"),
              f"iterations    {info['iterations']} (SECTION_PARTs before the END)",
              (f"file size     {_human_bytes(info['file_size'])} apparent, "
               f"{_human_bytes(info['disk_usage'])} on disk"),
@@ -418,11 +446,13 @@ def _inspect_text(info: dict[str, Any]) -> str:
     if info["device_state"]:
         lines.append("device state  yes (QEMU's, not read)")
     rows = [["block", "length", "pages", "present", "zero", "record", "bitmap", "pages at"]]
+    # repr: a name holds no terminal escape once printed
     rows += [[repr(b["name"]), str(b["length"]), str(b["pages"]), count(b["pages_present"]),
               count(b["pages_zero"]), str(b["record_offset"]), str(b["bitmap_offset"]),
               str(b["pages_offset"])] for b in info["blocks"]]
     lines += ["", *_table(rows), ""]
     if info["description"] is not None:
+        # json.dumps escapes every control character (and all non-ASCII)
         described = json.dumps(info["description"], indent=2, sort_keys=True)
         lines.append("description   " + described.replace("\n", "\n              "))
     elif info["qemu_description"]:
@@ -442,70 +472,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # --- verify ---
 
 
-def pages_differ(stored: np.ndarray, present: np.ndarray, expected: np.ndarray) -> np.ndarray:
-    """Page numbers where the image (``stored`` slots, ``present`` bits)
-    does not hold ``expected``: a present page must match its slot, a clear
-    page must be zero (its slot may hold stale bytes)."""
-    stored_pages = stored.view(np.uint64).reshape(-1, PAGE_SIZE // 8)
-    expected_pages = expected.view(np.uint64).reshape(-1, PAGE_SIZE // 8)
-    found = []
-    for first in range(0, present.size, COMPARE_PAGES):
-        step = slice(first, first + COMPARE_PAGES)
-        mismatch = np.where(present[step],
-                            (stored_pages[step] != expected_pages[step]).any(axis=1),
-                            expected_pages[step].any(axis=1))
-        found.append(first + np.flatnonzero(mismatch))
-    return np.concatenate(found)
-
-
-def _listed(pages: np.ndarray) -> str:
+def _listed(pages: np.ndarray, total: int) -> str:
     shown = ", ".join(str(p) for p in pages[:LISTED_PAGES])
-    more = pages.size - LISTED_PAGES
+    more = total - LISTED_PAGES
     return shown + (f", ... and {more} more" if more > 0 else "")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    paths = _unique_blocks(args.block)
-    differing: dict[str, np.ndarray] = {}
-    with open_image(args.image, start=args.offset) as image:
-        unknown = [n for n in paths if n not in image.blocks]
-        if unknown:
-            raise Failure(f"{args.image} has no block {', '.join(map(repr, unknown))} (it "
-                          f"holds {', '.join(map(repr, image.blocks))})")
-        for name, path in paths.items():
-            block = image.blocks[name]
-            source = _source_block(name, path)
-            if source.length != block.length:
-                raise BlockError(f"block {name!r}: the image holds {block.length} bytes, "
-                                 f"{path} is {source.length}")
-            # The image's page slots, mapped: nothing is read that is not compared.
-            stored = BlockMapping(BlockSource(image.path, block.layout.pages_offset,
-                                              block.length), writable=False)
-            differing[name] = pages_differ(stored.array, block.bitmap, source.array)
-            stored.close()
-        unchecked = [n for n in image.blocks if n not in paths]
-    total = sum(p.size for p in differing.values())
+    result = verify_image(args.image, _unique_blocks(args.block), start=args.offset)
+    total = result.pages_differing
     if total:
         lines = [(f"{args.image} differs from the sources: {total} page(s) in "
-                  f"{sum(1 for p in differing.values() if p.size)} block(s)")]
-        lines += [f"  block {name!r}: {p.size} page(s) differ: {_listed(p)}"
-                  for name, p in differing.items() if p.size]
+                  f"{sum(1 for b in result.blocks.values() if not b.equal)} block(s)")]
+        lines += [f"  block {name!r}: {b.pages_differing} page(s) differ: "
+                  f"{_listed(b.differing_pages(LISTED_PAGES), b.pages_differing)}"
+                  for name, b in result.blocks.items() if not b.equal]
     else:
-        lines = [(f"{args.image} matches the sources: {len(differing)} block(s), "
-                  f"{sum(image.blocks[n].pages for n in differing)} pages equal")]
-    if unchecked:
-        lines.append(f"  not compared (no --block): {', '.join(map(repr, unchecked))}")
-    data = {"image": args.image, "equal": total == 0, "pages_differing": total,
-            "blocks": {name: {"pages": image.blocks[name].pages, "pages_differing": int(p.size),
-                              "first_differing": p[:LISTED_PAGES].tolist()}
-                       for name, p in differing.items()},
-            "not_compared": unchecked}
+        lines = [(f"{args.image} matches the sources: {len(result.blocks)} block(s), "
+                  f"{sum(b.pages for b in result.blocks.values())} pages equal")]
+    if result.not_compared:
+        lines.append(f"  not compared (no --block): {', '.join(map(repr, result.not_compared))}"
+                     + ("" if args.partial else
+                        ": the check is incomplete (exit 1); --partial accepts it"))
     # The verdict is the point of the command: print it even with --quiet.
     if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
+        print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
         print("\n".join(lines))
-    return 1 if total else 0
+    return 0 if result.equal and (result.complete or args.partial) else 1
 
 
 # --- demo ---
@@ -693,7 +687,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "every block of the image needs one")
     where.add_argument("--outdir", metavar="DIR",
                        help="write one file per block in DIR, named after the block "
-                       "(percent-encoded)")
+                       "(percent-encoded); DIR is created (mode 0700) if its parent exists")
+    sub.add_argument("--mode", type=_file_mode, default=None, metavar="OCTAL",
+                     help="mode of the files written (default: 600 for the files created, "
+                     "existing files keep theirs)")
+    sub.add_argument("--follow-symlinks", action="store_true",
+                     help="write through destinations that are symbolic links, and into "
+                     "files in --outdir that another user owns or that have other hard links "
+                     "(all refused by default)")
     transfer_options(sub)
     sub.set_defaults(run=cmd_restore)
 
@@ -711,6 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="NAME=PATH", help=block_help)
     sub.add_argument("--offset", type=parse_size, default=0, metavar="N",
                      help="the stream starts at byte N of the file")
+    sub.add_argument("--partial", action="store_true",
+                     help="accept comparing only the blocks given (by default a block of "
+                     "the image with no --block makes verify fail)")
     sub.add_argument("--json", action="store_true", help="print the result as JSON")
     sub.set_defaults(run=cmd_verify)
 

@@ -63,10 +63,30 @@ class SaveStateError(ParallelSaveError):
     """A Saver method was called out of order (iterate before setup, ...)."""
 
 
+class FileError(ParallelSaveError, OSError):
+    """A file cannot be used as asked: missing, not a regular file (a FIFO,
+    a device...), a symbolic link where none was expected, refused by the
+    system.  ``filename`` is the path, ``strerror`` the reason, ``errno``
+    the error number when a system call failed (else None)."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}" if self.filename else str(self.strerror)
+
+
+class ImageNotFoundError(FileError, FileNotFoundError):
+    """The image file does not exist (also a :class:`FileNotFoundError`)."""
+
+
+class ClosedImageError(ParallelSaveError, ValueError):
+    """An :class:`~parallel_save.Image` was read after ``close()``."""
+
+
 class DestinationError(ParallelSaveError):
-    """A file cannot be written safely where it was asked for: the path is a
-    symbolic link (not followed unless asked), a special file, or it was
-    replaced by another process while the save put its image there."""
+    """A file cannot be written safely where it was asked for: a save's path
+    is a symbolic link (not followed unless asked) or a special file, or
+    was replaced by another process while the save put its image there; a
+    restore's destinations put two blocks into one file, name a missing
+    directory, lack the space, or were replaced while it was prepared."""
 
 
 class ImageWriteError(ParallelSaveError, OSError):

@@ -78,6 +78,8 @@ MAX_MACHINE_NAME = 255
 # How far back from a QEMU file's end its JSON description is looked for
 # (tens of KiB for a PC), and the chunk read at a time while looking.
 DESCRIPTION_SEARCH = 16 << 20
+# The longest JSON description read (QEMU's are tens of KiB).
+DESCRIPTION_LIMIT = 16 << 20
 _SCAN_CHUNK = 1 << 20
 
 # --- records, each struct named once beside what it describes ---
@@ -697,14 +699,22 @@ def _decode(cur: _Cursor) -> StreamInfo:
                 raise cur.error(f"unexpected byte 0x{kind:02x} after EOF", at)
             try:
                 length = cur.be32("description length")
-                json_at = cur.pos
-                raw = cur.take(length, "description")
             except _Truncated:
                 return incomplete(f"the stream stops inside the description at {at}: "
                                   f"the save did not complete", passes, at)
-            if cur.pos != size:
+            json_at = cur.pos
+            # Checked before anything is read: a hostile length (up to 4 GiB,
+            # over a hole) must not cost memory, nor pass for a stopped save.
+            if length > DESCRIPTION_LIMIT:
+                raise cur.error(f"description length {length} is implausible (a "
+                                f"description is at most {DESCRIPTION_LIMIT} bytes)", at + 1)
+            if json_at + length > size:
+                raise cur.error(f"description length {length} reaches past the end of "
+                                f"the file (only {size - json_at} bytes follow)", at + 1)
+            if json_at + length != size:
                 raise cur.error(f"description length {length} does not reach the end "
                                 f"of the file ({size - json_at} bytes follow)", at + 1)
+            raw = cur.take(length, "description")
             description = _parse_description(cur, raw, json_at)
         return StreamInfo(layout, True, None, passes, False, description, size)
     if kind == VM_SECTION_FULL:
@@ -716,18 +726,22 @@ def _decode(cur: _Cursor) -> StreamInfo:
     raise cur.error(f"unexpected section type 0x{kind:02x} after the RAM END", at)
 
 
-def read_bitmap(fd: int, path: str | os.PathLike, block: BlockLayout) -> np.ndarray:
-    """The block's page bitmap (True = the page's bytes are in the file)."""
-    raw = os.pread(fd, block.bitmap_size, block.bitmap_offset)
-    if len(raw) != block.bitmap_size:
+def check_bitmap_padding(fd: int, path: str | os.PathLike, block: BlockLayout) -> None:
+    """Refuse a bitmap that sets bits past the block's last page.  Only the
+    bytes holding padding are read (at most one 64-bit word), so checking
+    costs nothing however large the block is."""
+    first = block.pages // 8
+    raw = os.pread(fd, block.bitmap_size - first, block.bitmap_offset + first)
+    if len(raw) != block.bitmap_size - first:
         raise FormatError(f"block {block.name!r}: bitmap is truncated",
-                          path=path, offset=block.bitmap_offset)
-    extra = padding_bits(raw, block.pages)
+                          path=path, offset=block.bitmap_offset + first)
+    # The bytes from page // 8 on: bit i of them is bit first * 8 + i.
+    tail = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+    extra = np.flatnonzero(tail[block.pages % 8:]) + block.pages
     if extra.size:
         raise FormatError(f"block {block.name!r}: bitmap sets {extra.size} bit(s) past "
                           f"the block's {block.pages} pages, the first is bit {extra[0]}",
                           path=path, offset=block.bitmap_offset + int(extra[0]) // 8)
-    return unpack_bitmap(raw, block.pages)
 
 
 def require_complete(info: StreamInfo, path: str | os.PathLike) -> None:

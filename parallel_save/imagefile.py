@@ -32,15 +32,9 @@ import threading
 from .artifacts import partial_name
 from .directio import check_direct_io_fd
 from .errors import DestinationError
+from .files import file_kind
 
 DEFAULT_MODE = 0o600
-_KINDS = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-          stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory",
-          stat.S_IFLNK: "a symbolic link"}
-
-
-def file_kind(mode: int) -> str:
-    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
 def _free_later(fd: int) -> None:

@@ -74,7 +74,9 @@ def restore(path: str | os.PathLike, into: Destination, channels: int = 4, *,
                                  f"destination {targets[name].length}")
         check_sources(list(targets.values()))
         blocks = list(image.blocks.values())
-        present = [b.packed_bitmap() for b in blocks]
+        # Pages whose bytes lie in holes of the image count as clear: a
+        # hostile image writes no more than it holds.
+        present = [b.data_bitmap() for b in blocks]
         image_fd = image.fileno()
         if direct_io:
             image_fd = check_direct_io_fd(image_fd, path, writable=False)

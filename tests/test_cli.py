@@ -32,7 +32,7 @@ from qemu_support import load_into_qemu, require_mapped_ram_qemu, zero_file
 import parallel_save as ps
 from bench.qemu import QemuVM
 from parallel_save.cli import ProgressBar, block_file_name, main
-from parallel_save.format import PAGE_SIZE
+from parallel_save.format import PAGE_SIZE, encode_setup, encode_tail, plan_layout
 
 PAGES = 256  # 1 MiB blocks: every behaviour here shows at this size
 
@@ -449,28 +449,57 @@ def test_debug_adds_the_traceback(tmp_path):
     assert done.stderr.endswith(f"parallel-save: error: {tmp_path}/nope.img: no such image file\n")
 
 
-def signalled(tmp_path: Path, signum: int) -> tuple[int, str, str]:
+def sparse_image(path: Path, blocks: int) -> Path:
+    """An image of ``blocks`` one-page blocks, all zero: a few KiB of data
+    in a sparse file, written by the format layer."""
+    layout = plan_layout([(f"ram{i}", PAGE_SIZE) for i in range(blocks)])
+    with open(path, "wb") as f:
+        for offset, data in encode_setup(layout):
+            f.seek(offset)
+            f.write(data)
+        f.seek(layout.tail_offset)
+        f.write(encode_tail(layout, 1, {}))
+    return path
+
+
+def signalled(tmp_path: Path, signum: int) -> tuple[int, str]:
     """Send ``signum`` to the command while it is surely inside its work:
-    opening a FIFO to read blocks until a writer comes, which never does."""
-    fifo = tmp_path / "pipe.img"
-    os.mkfifo(fifo)
-    process = subprocess.Popen([sys.executable, "-m", "parallel_save", "inspect", str(fifo)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    wchan = Path(f"/proc/{process.pid}/wchan")
-    while wchan.read_text() != "wait_for_partner" and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signum)
-    out, err = process.communicate(timeout=60)
-    return process.returncode, out, err
+    its stdout is a pipe filled to the brim beforehand, so printing the
+    JSON of a 100-block image (more than the 8 KiB stdio buffer) blocks in
+    the kernel until the pipe is read, which only happens after the signal.
+    Returns (status, stderr)."""
+    image = sparse_image(tmp_path / "vm.img", 100)
+    reader, writer = os.pipe()
+    os.set_blocking(writer, False)
+    try:
+        while True:
+            os.write(writer, bytes(PAGE_SIZE))
+    except BlockingIOError:
+        pass
+    os.set_blocking(writer, True)
+    with open(reader, "rb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "parallel_save", "inspect",
+                                    str(image), "--json"], stdout=writer,
+                                   stderr=subprocess.PIPE, text=True)
+        os.close(writer)
+        deadline = time.monotonic() + 60
+        wchan = Path(f"/proc/{process.pid}/wchan")
+        while "pipe_write" not in wchan.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signum)
+        out.read()  # drained to the end: the command's exit flushes what it holds
+        err = process.stderr.read()
+        process.wait(timeout=60)
+        process.stderr.close()
+    return process.returncode, err
 
 
 def test_ctrl_c_exits_130_with_one_line(tmp_path):
-    assert signalled(tmp_path, signal.SIGINT) == (130, "", "parallel-save: interrupted\n")
+    assert signalled(tmp_path, signal.SIGINT) == (130, "parallel-save: interrupted\n")
 
 
 def test_sigterm_exits_143_with_one_line(tmp_path):
-    assert signalled(tmp_path, signal.SIGTERM) == (143, "", "parallel-save: stopped by SIGTERM\n")
+    assert signalled(tmp_path, signal.SIGTERM) == (143, "parallel-save: stopped by SIGTERM\n")
 
 
 # --- demo, status ---

@@ -259,7 +259,7 @@ def test_qemu_fixture_bitmap_is_set_exactly_on_non_zero_pages(qemu_files, fixtur
     pages = np.fromfile(qemu_files[ram_file], dtype=np.uint8).reshape(-1, PAGE_SIZE)
     with ps.open_image(qemu_files[fixture]) as image:
         bitmap = image.blocks[name].bitmap
-    assert image.blocks[name].pages_present == non_zero
+        assert image.blocks[name].pages_present == non_zero
     assert np.array_equal(bitmap, pages.any(axis=1))
 
 
@@ -918,6 +918,27 @@ def test_description_shorter_than_the_rest_of_the_file_is_refused(image):
                    f"({length + 2} bytes follow)")
 
 
+@pytest.mark.parametrize("length", [19, 1 << 20], ids=["one-more", "1MiB"])
+def test_description_longer_than_the_file_is_refused_not_incomplete(image, length):
+    """A length that reaches past the end is a damaged or hostile file, not
+    a save that stopped: the whole tail is written at once."""
+    poke(image.path, image.eof_offset + 2, length.to_bytes(4, "big"))
+    assert_refused(image.path, image.eof_offset + 2,
+                   f"description length {length} reaches past the end of the file "
+                   f"(only 18 bytes follow)")
+
+
+def test_description_length_of_4gib_over_a_hole_is_refused_before_reading(image):
+    """The file really is 4 GiB long (a hole): the length fits, but is not
+    read into memory."""
+    length = 2**32 - 1
+    poke(image.path, image.eof_offset + 2, length.to_bytes(4, "big"))
+    os.truncate(image.path, image.eof_offset + 6 + length)
+    assert_refused(image.path, image.eof_offset + 2,
+                   f"description length {length} is implausible (a description is at "
+                   f"most {16 << 20} bytes)")
+
+
 def test_description_that_does_not_parse_is_refused(image):
     offset = image.eof_offset + 6
     poke(image.path, offset, b"[")
@@ -951,7 +972,7 @@ def incomplete_cuts(image: SmallImage) -> dict[str, tuple[int, int, str]]:
                         f"the stream stops inside a section at {tail}: {stopped}"),
         "inside-end": (end + 17, end, f"the stream stops inside a section at {end}: {stopped}"),
         "before-eof": (eof, eof, f"the stream stops after the RAM END, before EOF: {stopped}"),
-        "inside-description": (eof + 8, eof + 1,
+        "inside-description": (eof + 4, eof + 1,
                                f"the stream stops inside the description at {eof + 1}: {stopped}"),
     }
 

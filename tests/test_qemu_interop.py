@@ -204,7 +204,7 @@ class TestWeSaveQemuLoads:
                 block = opened.blocks["ram0"]
                 slots = np.fromfile(image, dtype=np.uint8, count=RAM_SIZE,
                                     offset=block.layout.pages_offset)
-            stale = ~block.bitmap & nonzero_pages(slots)
+                stale = ~block.bitmap & nonzero_pages(slots)
             assert stale.any(), "no page turned zero after it was written"
             load_into_qemu(vm, image)
         assert np.array_equal(file_bytes(loaded), source.array)

@@ -55,6 +55,7 @@ from ..control import (
     ChannelPlan,
     ControlSegment,
 )
+from ..files import hole_runs
 from ..format import PAGE_SIZE, bit_runs
 from ..tracking.hashing import PageHasher
 
@@ -253,35 +254,24 @@ class Channel:
         a sparse source stays sparse."""
         if not self.can_seek_holes:
             return None
-        fd, base = self.blocks[block].fd, self.plan.sources[block].offset
-        low, high = base + first * PAGE_SIZE, base + end * PAGE_SIZE
+        fd, source = self.blocks[block].fd, self.plan.sources[block]
+        low = source.offset + first * PAGE_SIZE
+        high = source.offset + end * PAGE_SIZE
         size = os.fstat(fd).st_size
         if size < high:
             # Beyond the end of the file is no hole: reading it is SIGBUS.
-            source = self.plan.sources[block]
             raise OSError(errno.EFAULT, f"the block's file was cut short under the save "
                           f"({size} bytes, its pages need {source.offset + source.length})",
                           source.path)
         holes = None
-        position = low
         try:
-            while position < high:
-                try:
-                    data = os.lseek(fd, position, os.SEEK_DATA)
-                except OSError as error:
-                    if error.errno != errno.ENXIO:
-                        raise
-                    data = high  # nothing but hole up to the end of the file
-                if data > position:
-                    hole_first = -(-(position - low) // PAGE_SIZE)
-                    hole_end = (min(data, high) - low) // PAGE_SIZE
-                    if hole_end > hole_first:
-                        if holes is None:
-                            holes = np.zeros(end - first, dtype=bool)
-                        holes[hole_first:hole_end] = True
-                if data >= high:
-                    break
-                position = os.lseek(fd, data, os.SEEK_HOLE)
+            for hole_first, hole_end in hole_runs(fd, low, high):
+                pages_first = -(-(hole_first - low) // PAGE_SIZE)
+                pages_end = (hole_end - low) // PAGE_SIZE
+                if pages_end > pages_first:
+                    if holes is None:
+                        holes = np.zeros(end - first, dtype=bool)
+                    holes[pages_first:pages_end] = True
         except OSError:
             self.can_seek_holes = False
             return None

@@ -1,0 +1,115 @@
+"""Opening the files parallel-save reads and writes, safely on a shared
+machine: regular files only (a FIFO or a device is refused at once instead
+of blocking an open or a read forever), symbolic links only where the
+caller allows them, and where a file holds its bytes (its data runs) as
+opposed to holes that read as zero but cost nothing on disk.
+
+A file is checked once, through the descriptor that is then used: the
+path is never opened a second time.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Iterator
+
+from .errors import FileError
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for an error message: "a FIFO"..."""
+    for test, kind in _KINDS:
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def not_regular(path: str | os.PathLike, mode: int) -> FileError:
+    return FileError(None, f"not a regular file: {file_kind(mode)}", os.fspath(path))
+
+
+def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY, *,
+                 follow_symlinks: bool = True, dir_fd: int | None = None,
+                 create_mode: int = 0o600) -> int:
+    """Open ``path`` as a regular file and return the descriptor.
+
+    Opened with O_NONBLOCK, so that a FIFO without a writer or a device
+    cannot block the open, then checked with fstat on the descriptor (no
+    race with a rename), then made blocking again for ordinary reads.
+    ``follow_symlinks=False`` refuses a symbolic link as the last
+    component (O_NOFOLLOW).  Refusals are :class:`FileError` naming the
+    path: "not a regular file: a FIFO", "is a symbolic link", the system's
+    reason otherwise.
+    """
+    path = os.fspath(path)
+    flags |= os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags, create_mode, dir_fd=dir_fd)
+    except OSError as error:
+        if error.errno == errno.ELOOP and not follow_symlinks:
+            raise FileError(error.errno, "is a symbolic link (refused: it could point "
+                            "anywhere)", path) from None
+        if error.errno == errno.ENXIO:  # a socket, a FIFO with no reader to write to
+            try:
+                mode = os.stat(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks).st_mode
+            except OSError:
+                mode = 0
+            raise not_regular(path, mode) from None
+        raise FileError(error.errno, error.strerror, path) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise not_regular(path, mode)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The [first, last) byte ranges of ``[start, end)`` that hold data in
+    the open file, in order; the rest are holes, which read as zero.
+
+    Found with SEEK_DATA/SEEK_HOLE, so the cost is one pair of lseeks per
+    run of data, never a read of a hole: a sparse file of terabytes with
+    a few KiB of data gives a few runs.  A file system that does not know
+    holes reports the whole file as data.  Only the returned offsets are
+    used, never the descriptor's position, so descriptors shared with
+    other processes (which use pread) are not disturbed.
+    """
+    at = start
+    while at < end:
+        try:
+            first = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno == errno.ENXIO:  # only holes from here to the end of the file
+                return
+            if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield at, end
+                return
+            raise
+        if first >= end:
+            return
+        hole = os.lseek(fd, first, os.SEEK_HOLE)
+        yield first, min(hole, end)
+        at = hole
+
+
+def hole_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The [first, last) ranges of ``[start, end)`` that are holes: the
+    complement of :func:`data_runs`."""
+    at = start
+    for first, last in data_runs(fd, start, end):
+        if first > at:
+            yield at, first
+        at = last
+    if at < end:
+        yield at, end
