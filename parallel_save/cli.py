@@ -37,7 +37,7 @@ from . import __version__
 from .blocks import BlockSource, RamBlock, attach
 from .directio import check_direct_io
 from .errors import BlockError, DirectIOError, ParallelSaveError
-from .format import PAGE_SIZE
+from .format import PAGE_SIZE, our_metadata
 from .image import Image, open_image
 from .restorer import restore, unmatched_blocks
 from .saver import MAX_CHANNELS, save
@@ -366,8 +366,8 @@ def describe_image(image: Image) -> dict[str, Any]:
         "pages_present": sum(b["pages_present"] for b in blocks) if complete else None,
         "pages_zero": sum(b["pages_zero"] for b in blocks) if complete else None,
         "blocks": blocks,
-        "description": description.get("parallel_save"),
-        "qemu_description": "parallel_save" not in description and bool(description),
+        "description": our_metadata(description),
+        "qemu_description": our_metadata(description) is None and bool(description),
     }
 
 

@@ -450,7 +450,8 @@ def test_start_past_the_end_of_the_file_is_refused(image):
 def test_small_image_reads_back_its_blocks(image):
     with ps.open_image(image.path) as opened:
         assert opened.complete and opened.info.passes == 1
-        assert opened.description == {"writer": "test"}
+        assert opened.description["writer"] == "test"
+        assert (opened.description["page_size"], opened.description["devices"]) == (4096, [])
         assert {n: opened.read_block(n).tobytes() for n in opened.blocks} == image.ram
 
 
@@ -910,9 +911,9 @@ def test_byte_after_eof_other_than_description_is_refused(image):
 
 
 def test_description_shorter_than_the_rest_of_the_file_is_refused(image):
+    length = image.path.stat().st_size - (image.eof_offset + 6)
     with open(image.path, "ab") as f:
         f.write(b"  ")
-    length = len(b'{"writer": "test"}')
     assert_refused(image.path, image.eof_offset + 2,
                    f"description length {length} does not reach the end of the file "
                    f"({length + 2} bytes follow)")
@@ -928,6 +929,7 @@ def test_description_that_is_not_an_object_is_refused(image):
     offset = image.eof_offset + 6
     text = b'["writer", "test"]'
     poke(image.path, offset - 4, len(text).to_bytes(4, "big") + text)
+    os.truncate(image.path, offset + len(text))
     assert_refused(image.path, offset, "the JSON description after EOF is not an object")
 
 
