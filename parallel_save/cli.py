@@ -368,6 +368,9 @@ def describe_image(image: Image) -> dict[str, Any]:
         "blocks": blocks,
         "description": our_metadata(description),
         "qemu_description": our_metadata(description) is None and bool(description),
+        # What holds the stream (a libvirt save file), None for a bare stream.
+        "container": (image.container.to_dict() if image.container is not None
+                      and image.container.kind != "qemu" else None),
     }
 
 
@@ -378,6 +381,15 @@ def _table(rows: list[list[str]]) -> list[str]:
             for row in rows]
 
 
+def _container_lines(container: dict[str, Any] | None) -> list[str]:
+    if container is None:
+        return []
+    running = "running" if container["was_running"] else "paused"
+    return [f"container     {container['kind']} save of domain {container['domain_name']!r} "
+            f"({running} when saved, image format {container['image_format']}"
+            + ("" if container["complete"] else ", INCOMPLETE") + ")"]
+
+
 def _inspect_text(info: dict[str, Any]) -> str:
     def count(value: int | None) -> str:
         return "?" if value is None else str(value)
@@ -385,6 +397,7 @@ def _inspect_text(info: dict[str, Any]) -> str:
     lines = [f"image         {info['path']}",
              f"machine       {info['machine']}",
              f"stream start  {info['start']}",
+             *_container_lines(info["container"]),
              "complete      " + ("yes" if info["complete"] else f"no: {info['incomplete_reason']}"),
              f"iterations    {info['iterations']} (SECTION_PARTs before the END)",
              (f"file size     {_human_bytes(info['file_size'])} apparent, "

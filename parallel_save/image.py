@@ -13,6 +13,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from .container import Container, detect_stream
 from .errors import BlockError, FormatError
 from .format import (
     PAGE_SIZE,
@@ -59,7 +60,7 @@ class BlockInfo:
 class Image:
     """An open image file.  Use as a context manager, or call ``close``."""
 
-    def __init__(self, path: str | os.PathLike, *, start: int = 0,
+    def __init__(self, path: str | os.PathLike, *, start: int | None = None,
                  allow_incomplete: bool = False) -> None:
         self.path = os.fspath(path)
         try:
@@ -67,7 +68,13 @@ class Image:
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.path}: no such image file") from None
         try:
-            self.info: StreamInfo = decode_stream(self._fd, self.path, start)
+            # No start given (0 is every caller's default): the stream is at
+            # the file's start or inside a container that says where.
+            self.container: Container | None = (
+                None if start else detect_stream(self._fd, self.path))
+            self.info: StreamInfo = (self.container.decode(self._fd, self.path)
+                                     if self.container else
+                                     decode_stream(self._fd, self.path, start))
             if not allow_incomplete:
                 require_complete(self.info, self.path)
             self.blocks = {b.name: BlockInfo(b, read_bitmap(self._fd, self.path, b))
@@ -140,8 +147,11 @@ class Image:
         return target
 
 
-def open_image(path: str | os.PathLike, *, start: int = 0,
+def open_image(path: str | os.PathLike, *, start: int | None = None,
                allow_incomplete: bool = False) -> Image:
     """Open and validate an image; raises :class:`FormatError` (or
-    :class:`IncompleteImageError`) with the offset of what is wrong."""
+    :class:`IncompleteImageError`) with the offset of what is wrong.
+
+    Without ``start`` (or with 0) the stream is found: at the file's start,
+    or inside a libvirt save file (``image.container`` says which)."""
     return Image(path, start=start, allow_incomplete=allow_incomplete)

@@ -428,8 +428,9 @@ def test_stream_at_an_offset_is_not_found_at_zero(tmp_path):
     path = tmp_path / "offset.img"
     path.write_bytes(bytes([PREFIX_BYTE]) * 4113)
     write_image(path, start=4113)
-    assert_refused(path, 0, "bad magic 0xa5a5a5a5, expected 0x5145564d (QEVM): "
-                            "not a QEMU migration stream")
+    assert_refused(path, 0, not_a_stream("a5 " * 15 + "a5", "." * 16))
+    assert_refused(path, 1, "bad magic 0xa5a5a5a5, expected 0x5145564d (QEVM): "
+                            "not a QEMU migration stream", start=1)
 
 
 def test_negative_start_is_refused(image):
@@ -560,10 +561,27 @@ def test_writer_refuses_a_length_that_is_not_whole_pages(length):
 # --- validation: the stream header and configuration ---
 
 
+def not_a_stream(first: str, text: str) -> str:
+    """What open_image says of a file that holds no stream at its start."""
+    return (f"not a QEMU migration stream (magic QEVM) nor a libvirt save file "
+            f"(LibvirtQemudSave): it starts with {first} ({text!r}). If the stream starts "
+            f"further in, give its offset (--offset N, or start=N)")
+
+
 def test_bad_magic_is_refused(image):
     poke(image.path, 0, b"QEVN")
-    assert_refused(image.path, 0, "bad magic 0x5145564e, expected 0x5145564d (QEVM): "
-                                  "not a QEMU migration stream")
+    head = image.path.read_bytes()[:16]
+    assert_refused(image.path, 0, not_a_stream(
+        " ".join(f"{b:02x}" for b in head),
+        "".join(chr(b) if 32 <= b < 127 else "." for b in head)))
+
+
+def test_bad_magic_at_a_given_start_is_refused(tmp_path):
+    path = tmp_path / "offset.img"
+    write_image(path, start=4096)
+    poke(path, 4096, b"QEVN")
+    assert_refused(path, 4096, "bad magic 0x5145564e, expected 0x5145564d (QEVM): "
+                               "not a QEMU migration stream", start=4096)
 
 
 @pytest.mark.parametrize("version, why", [(2, "obsolete"), (4, "unsupported"),
