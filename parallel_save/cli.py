@@ -425,6 +425,15 @@ def _table(rows: list[list[str]]) -> list[str]:
             for row in rows]
 
 
+def _container_lines(container: dict[str, Any] | None) -> list[str]:
+    if container is None:
+        return []
+    running = "running" if container["was_running"] else "paused"
+    return [f"container     {container['kind']} save of domain {container['domain_name']!r} "
+            f"({running} when saved, image format {container['image_format']}"
+            + ("" if container["complete"] else ", INCOMPLETE") + ")"]
+
+
 def _inspect_text(info: dict[str, Any]) -> str:
     def count(value: int | None) -> str:
         return "?" if value is None else str(value)
@@ -432,6 +441,7 @@ def _inspect_text(info: dict[str, Any]) -> str:
     lines = [f"image         {_printable(info['path'])}",
              f"machine       {_printable(info['machine'])}",
              f"stream start  {info['start']}",
+             *_container_lines(info["container"]),
              "complete      " + ("yes" if info["complete"]
                                  else f"no: {_printable(info['incomplete_reason'])}"),
              f"iterations    {info['iterations']} (SECTION_PARTs before the END)",

@@ -67,6 +67,10 @@ RAM_SECTION_VERSION = 4
 RAM_SECTION_ID = 1
 CAPABILITIES_SUBSECTION = "configuration/capabilities"
 MAPPED_RAM = "mapped-ram"
+# The top-level keys of QEMU's JSON description, and the one our metadata
+# goes under beside them.
+QEMU_DESCRIPTION_KEYS = ("configuration", "page_size", "devices")
+DESCRIPTION_KEY = "parallel_save"
 
 PAGE_SIZE = 4096
 # Fixed, not read from the disk: the file must stay portable, and 1 MiB
@@ -281,7 +285,11 @@ def encode_tail(layout: StreamLayout, passes: int, description: dict[str, Any]
                 ) -> bytes:
     """What follows the RAM at completion: one SECTION_PART per iterate pass
     (as QEMU writes; with mapped-ram each carries only EOS), the RAM
-    SECTION_END, QEMU_VM_EOF and our JSON description.
+    SECTION_END, QEMU_VM_EOF and the JSON description.
+
+    ``description`` holds our own keys (the saver's ``parallel_save``); they
+    go beside the keys of QEMU's vmstate description (:func:`qemu_description`)
+    so that QEMU's analyze-migration.py reads our files too.
 
     We write no switchover-start command: QEMU 10 writes it but does not
     need it on load, and QEMU 9.x, which also reads mapped-ram, does not
@@ -292,9 +300,52 @@ def encode_tail(layout: StreamLayout, passes: int, description: dict[str, Any]
                                  VM_SECTION_FOOTER, sid)
     end = _RAM_SECTION_EOS.pack(VM_SECTION_END, sid, RAM_FLAG_EOS,
                                 VM_SECTION_FOOTER, sid)
-    text = json.dumps(description, sort_keys=True).encode("utf-8")
+    text = json.dumps(qemu_description(layout, description), sort_keys=True).encode("utf-8")
+    # QEMU's analyzer finds the JSON as the first "{" after the file's last
+    # NUL, which may be a byte of the length: that length must hold no "{".
+    # Trailing blanks are still the same JSON.
+    while b"{" in _BE32.pack(len(text)):
+        text += b" "
     return (part * passes + end + _U8.pack(VM_EOF)
             + _U8.pack(VM_VMDESCRIPTION) + _BE32.pack(len(text)) + text)
+
+
+def qemu_description(layout: StreamLayout, ours: dict[str, Any]) -> dict[str, Any]:
+    """QEMU's vmstate description of a stream with no device, plus ``ours``.
+
+    QEMU writes this JSON after EOF for tools, never reads it back on load;
+    its analyze-migration.py needs ``page_size``, a ``devices`` list and the
+    ``configuration`` section's fields (machine name, capabilities) to walk
+    the stream.  Sizes are those of the fields as this stream holds them.
+    """
+    clash = sorted(set(ours) & set(QEMU_DESCRIPTION_KEYS))
+    if clash:
+        raise ValueError(f"description key(s) {clash} are QEMU's own")
+    machine = len(layout.machine.encode("utf-8"))
+    # One entry per capability: the analyzer makes repeated names a list.
+    capabilities = [{"name": "capabilities", "type": "capability",
+                     "size": 1 + len(cap.encode("utf-8"))} for cap in layout.capabilities]
+    configuration = {
+        "vmsd_name": "configuration", "version": 1,
+        "fields": [{"name": "len", "type": "uint32", "size": 4},
+                   {"name": "name", "type": "buffer", "size": machine}],
+        "subsections": [{
+            "vmsd_name": CAPABILITIES_SUBSECTION, "version": 1,
+            "fields": [{"name": "caps_count", "type": "uint32", "size": 4}, *capabilities],
+        }],
+    }
+    return {"configuration": configuration, "page_size": PAGE_SIZE, "devices": [], **ours}
+
+
+def our_metadata(description: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What parallel-save recorded in an image's description, or None (a
+    QEMU image, or none).  Images written before the description took
+    QEMU's shape hold only ``{"parallel_save": {...}}``; newer ones hold
+    QEMU's keys beside it: the key is read the same way in both."""
+    if not description:
+        return None
+    ours = description.get(DESCRIPTION_KEY)
+    return ours if isinstance(ours, dict) else None
 
 
 # --- bitmaps ---

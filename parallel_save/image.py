@@ -22,6 +22,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from .container import Container, detect_stream
 from .errors import BlockError, ClosedImageError, FileError, FormatError, ImageNotFoundError
 from .files import data_runs, hole_runs, open_regular
 from .format import (
@@ -198,7 +199,7 @@ class Image:
     whoever reads it next (the channels of a restore).
     """
 
-    def __init__(self, path: str | os.PathLike, *, start: int = 0,
+    def __init__(self, path: str | os.PathLike, *, start: int | None = None,
                  allow_incomplete: bool = False) -> None:
         self.path = os.fspath(path)
         self._fd = -1
@@ -211,7 +212,13 @@ class Image:
                                          self.path) from None
             raise
         try:
-            self.info: StreamInfo = decode_stream(self._fd, self.path, start)
+            # No start given (0 is every caller's default): the stream is at
+            # the file's start or inside a container that says where.
+            self.container: Container | None = (
+                None if start else detect_stream(self._fd, self.path))
+            self.info: StreamInfo = (self.container.decode(self._fd, self.path)
+                                     if self.container else
+                                     decode_stream(self._fd, self.path, start))
             if not allow_incomplete:
                 require_complete(self.info, self.path)
             for block in self.info.layout.blocks:
@@ -335,10 +342,13 @@ class Image:
             target[at:end] = 0
 
 
-def open_image(path: str | os.PathLike, *, start: int = 0,
+def open_image(path: str | os.PathLike, *, start: int | None = None,
                allow_incomplete: bool = False) -> Image:
     """Open and validate an image; raises :class:`FormatError` (or
     :class:`IncompleteImageError`) with the offset of what is wrong,
     :class:`ImageNotFoundError` if there is no such file, and
-    :class:`FileError` if it is not a regular file."""
+    :class:`FileError` if it is not a regular file.
+
+    Without ``start`` (or with 0) the stream is found: at the file's start,
+    or inside a libvirt save file (``image.container`` says which)."""
     return Image(path, start=start, allow_incomplete=allow_incomplete)

@@ -20,7 +20,7 @@ import numpy as np
 from .blocks import RamBlock
 from .errors import BlockError, FileError, FormatError
 from .files import open_regular
-from .format import PAGE_SIZE, bit_runs
+from .format import PAGE_SIZE, bit_runs, our_metadata
 from .image import Image, open_image
 
 # Pages compared per step: 4 MiB of the image and 4 MiB of the source.
@@ -246,6 +246,9 @@ def describe_image(image: Image) -> dict[str, Any]:
         "pages_present": sum(b["pages_present"] for b in blocks) if complete else None,
         "pages_zero": sum(b["pages_zero"] for b in blocks) if complete else None,
         "blocks": blocks,
-        "description": description.get("parallel_save"),
-        "qemu_description": "parallel_save" not in description and bool(description),
+        "description": our_metadata(description),
+        "qemu_description": our_metadata(description) is None and bool(description),
+        # What holds the stream (a libvirt save file), None for a bare stream.
+        "container": (image.container.to_dict() if image.container is not None
+                      and image.container.kind != "qemu" else None),
     }

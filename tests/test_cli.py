@@ -271,7 +271,8 @@ def test_block_file_name_of_a_long_name_fits_and_stays_unique():
 
 INSPECT_KEYS = {"path", "machine", "start", "complete", "incomplete_reason", "iterations",
                 "capabilities", "device_state", "file_size", "disk_usage", "ram_bytes", "pages",
-                "pages_present", "pages_zero", "blocks", "description", "qemu_description"}
+                "pages_present", "pages_zero", "blocks", "description", "qemu_description",
+                "container"}
 BLOCK_KEYS = {"name", "length", "pages", "pages_present", "pages_zero", "record_offset",
               "bitmap_offset", "pages_offset"}
 
@@ -387,8 +388,10 @@ def test_not_an_image_is_an_error_with_the_offset(capsys, tmp_path):
     other = tmp_path / "notes.txt"
     other.write_bytes(b"hello, world")
     assert cli(capsys, "inspect", other) == failure(
-        1, f"{other}, offset 0 (0x0): bad magic 0x68656c6c, expected 0x5145564d (QEVM): "
-           "not a QEMU migration stream")
+        1, f"{other}, offset 0 (0x0): not a QEMU migration stream (magic QEVM) nor a libvirt "
+           "save file (LibvirtQemudSave): it starts with 68 65 6c 6c 6f 2c 20 77 6f 72 6c 64 "
+           "('hello, world'). If the stream starts further in, give its offset "
+           "(--offset N, or start=N)")
 
 
 def test_restore_refuses_an_incomplete_image(capsys, ram, tmp_path):

@@ -428,8 +428,9 @@ def test_stream_at_an_offset_is_not_found_at_zero(tmp_path):
     path = tmp_path / "offset.img"
     path.write_bytes(bytes([PREFIX_BYTE]) * 4113)
     write_image(path, start=4113)
-    assert_refused(path, 0, "bad magic 0xa5a5a5a5, expected 0x5145564d (QEVM): "
-                            "not a QEMU migration stream")
+    assert_refused(path, 0, not_a_stream("a5 " * 15 + "a5", "." * 16))
+    assert_refused(path, 1, "bad magic 0xa5a5a5a5, expected 0x5145564d (QEVM): "
+                            "not a QEMU migration stream", start=1)
 
 
 def test_negative_start_is_refused(image):
@@ -450,7 +451,8 @@ def test_start_past_the_end_of_the_file_is_refused(image):
 def test_small_image_reads_back_its_blocks(image):
     with ps.open_image(image.path) as opened:
         assert opened.complete and opened.info.passes == 1
-        assert opened.description == {"writer": "test"}
+        assert opened.description["writer"] == "test"
+        assert (opened.description["page_size"], opened.description["devices"]) == (4096, [])
         assert {n: opened.read_block(n).tobytes() for n in opened.blocks} == image.ram
 
 
@@ -559,10 +561,27 @@ def test_writer_refuses_a_length_that_is_not_whole_pages(length):
 # --- validation: the stream header and configuration ---
 
 
+def not_a_stream(first: str, text: str) -> str:
+    """What open_image says of a file that holds no stream at its start."""
+    return (f"not a QEMU migration stream (magic QEVM) nor a libvirt save file "
+            f"(LibvirtQemudSave): it starts with {first} ({text!r}). If the stream starts "
+            f"further in, give its offset (--offset N, or start=N)")
+
+
 def test_bad_magic_is_refused(image):
     poke(image.path, 0, b"QEVN")
-    assert_refused(image.path, 0, "bad magic 0x5145564e, expected 0x5145564d (QEVM): "
-                                  "not a QEMU migration stream")
+    head = image.path.read_bytes()[:16]
+    assert_refused(image.path, 0, not_a_stream(
+        " ".join(f"{b:02x}" for b in head),
+        "".join(chr(b) if 32 <= b < 127 else "." for b in head)))
+
+
+def test_bad_magic_at_a_given_start_is_refused(tmp_path):
+    path = tmp_path / "offset.img"
+    write_image(path, start=4096)
+    poke(path, 4096, b"QEVN")
+    assert_refused(path, 4096, "bad magic 0x5145564e, expected 0x5145564d (QEVM): "
+                               "not a QEMU migration stream", start=4096)
 
 
 @pytest.mark.parametrize("version, why", [(2, "obsolete"), (4, "unsupported"),
@@ -910,22 +929,24 @@ def test_byte_after_eof_other_than_description_is_refused(image):
 
 
 def test_description_shorter_than_the_rest_of_the_file_is_refused(image):
+    length = image.path.stat().st_size - (image.eof_offset + 6)
     with open(image.path, "ab") as f:
         f.write(b"  ")
-    length = len(b'{"writer": "test"}')
     assert_refused(image.path, image.eof_offset + 2,
                    f"description length {length} does not reach the end of the file "
                    f"({length + 2} bytes follow)")
 
 
-@pytest.mark.parametrize("length", [19, 1 << 20], ids=["one-more", "1MiB"])
-def test_description_longer_than_the_file_is_refused_not_incomplete(image, length):
+@pytest.mark.parametrize("extra", [1, 1 << 20], ids=["one-more", "1MiB"])
+def test_description_longer_than_the_file_is_refused_not_incomplete(image, extra):
     """A length that reaches past the end is a damaged or hostile file, not
     a save that stopped: the whole tail is written at once."""
+    follow = image.path.stat().st_size - (image.eof_offset + 6)
+    length = follow + extra
     poke(image.path, image.eof_offset + 2, length.to_bytes(4, "big"))
     assert_refused(image.path, image.eof_offset + 2,
                    f"description length {length} reaches past the end of the file "
-                   f"(only 18 bytes follow)")
+                   f"(only {follow} bytes follow)")
 
 
 def test_description_length_of_4gib_over_a_hole_is_refused_before_reading(image):
@@ -949,6 +970,7 @@ def test_description_that_is_not_an_object_is_refused(image):
     offset = image.eof_offset + 6
     text = b'["writer", "test"]'
     poke(image.path, offset - 4, len(text).to_bytes(4, "big") + text)
+    os.truncate(image.path, offset + len(text))
     assert_refused(image.path, offset, "the JSON description after EOF is not an object")
 
 
