@@ -50,6 +50,7 @@ from .control import (
     RESTORE,
     SAVE,
     STOP,
+    SWITCH,
     UNCHANGED_PAGES,
     ZERO_PAGES,
     ChannelPlan,
@@ -276,6 +277,29 @@ class ChannelGroup:
         control = self.control
         merged = np.bitwise_or.reduce(control.file_bitmaps, axis=0)
         return control.block_bits(merged, block).copy()
+
+    def switch_file(self, image_fd: int, file_bitmaps: Sequence[np.ndarray]) -> None:
+        """Make every channel work on another image file from now on, whose
+        bitmaps (packed, one per block) say which pages it holds: what a
+        checkpointer does when it turns from one image to the other.  Each
+        channel gets the bits of its own chunks only, as if it had written
+        them (see control.py: the OR merge rests on it)."""
+        control = self.control
+        for index, bits in enumerate(file_bitmaps):
+            chunk_of_byte = (control.layout.chunk_bases[index]
+                             + np.arange(bits.size) // (CHUNK_PAGES // 8))
+            owner = chunk_of_byte % self.count
+            for number in range(self.count):
+                row = control.block_bits(control.file_bitmaps[number], index)
+                row[:bits.size] = np.where(owner == number, bits, 0)
+                row[bits.size:] = 0
+        for number in range(self.count):
+            self._send(number, (SWITCH,))
+            try:
+                reduction.send_handle(self.connections[number], image_fd,
+                                      self.processes[number].pid)
+            except OSError:
+                pass  # it died; the next pass reports how
 
     def channel_stats(self) -> list[ChannelStats]:
         return [ChannelStats.from_row(i, row) for i, row in enumerate(self.control.counters)]

@@ -57,6 +57,8 @@ if CHUNK_PAGES % 64:
 SAVE = "save"          # (SAVE, chunks): write the dirty pages of these chunks
 RESTORE = "restore"    # (RESTORE, chunks, zero_clear): read the present pages
 STOP = "stop"          # (STOP,): close everything and exit
+SWITCH = "switch"      # (SWITCH,), then a descriptor on the connection: work on
+                       # this image file from now on (a checkpoint's other image)
 # Replies, channel to coordinator.
 READY = "ready"        # (READY,): attached, waiting for work
 DONE = "done"          # (DONE,): the pass's chunks are handled

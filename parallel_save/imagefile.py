@@ -28,11 +28,16 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 
 from .artifacts import partial_name
 from .directio import check_direct_io_fd
-from .errors import DestinationError
+from .errors import DestinationError, FormatError, ImageWriteError
 from .files import file_kind
+from .format import StreamLayout, decode_stream, encode_setup
 
 DEFAULT_MODE = 0o600
 
@@ -126,6 +131,65 @@ class ImageFile:
                 os.fchown(self.fd, old.st_uid, old.st_gid)
             except PermissionError:
                 pass
+
+    # --- writing ---
+
+    def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(fd, *args)`` on the image file; its error names the
+        image (errors of calls on a bare descriptor name nothing)."""
+        try:
+            return function(self.fd, *args)
+        except OSError as error:
+            raise ImageWriteError(error.errno, error.strerror, self.path) from None
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = self.call(os.pwrite, view, offset)
+            view, offset = view[written:], offset + written
+
+    def cut_old_stream(self, start: int, sync: bool) -> None:
+        """Before a stream is written over an older one in place: the older
+        one's END goes first (cut at its tail, it reads as an incomplete
+        stream, not as "not an image"), made durable with ``sync`` before
+        anything else is written.  :meth:`write_setup` then cuts the rest."""
+        if os.fstat(self.fd).st_size <= start:
+            return
+        try:
+            old_tail = decode_stream(self.fd, self.path, start).layout.tail_offset
+        except FormatError:
+            old_tail = start  # not a stream: nothing to keep readable
+        self.call(os.ftruncate, old_tail)
+        if sync:
+            self.call(os.fdatasync)
+
+    def write_setup(self, layout: StreamLayout) -> None:
+        """The setup phase's bytes: the stream's header first, then
+        everything after it is cut (an older stream's pages held memory),
+        then the block records and the RAM section's EOS."""
+        (offset, header), *rest = encode_setup(layout)
+        self.pwrite(header, offset)
+        self.call(os.ftruncate, offset + len(header))
+        for offset, data in rest:
+            self.pwrite(data, offset)
+
+    def finish(self, layout: StreamLayout, bitmaps: list[np.ndarray], tail: bytes,
+               sync: bool) -> None:
+        """Complete the stream once its pages are written: the bitmaps,
+        then the tail (END, EOF, description) that makes them count.  With
+        ``sync`` the pages are on disk before the bitmaps claim them, and,
+        in place (where no rename follows to publish the file at once),
+        the bitmaps before the END that makes them count."""
+        if sync:
+            self.call(os.fdatasync)
+        for bits, block in zip(bitmaps, layout.blocks):
+            self.pwrite(bits.tobytes(), block.bitmap_offset)
+        if sync and self.in_place:
+            self.call(os.fdatasync)
+        self.pwrite(tail, layout.tail_offset)
+        self.call(os.ftruncate, layout.tail_offset + len(tail))
+        if sync:
+            self.call(os.fdatasync)
 
     def commit(self, sync: bool) -> None:
         """Give the complete file the image's name (not in place)."""

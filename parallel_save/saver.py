@@ -33,8 +33,8 @@ import numpy as np
 from ._version import __version__
 from .blocks import RamBlock
 from .channels import ChannelGroup, choose_start_method
-from .errors import BlockError, FormatError, ImageWriteError, OptionError, SaveStateError
-from .format import decode_stream, encode_setup, encode_tail, plan_layout
+from .errors import BlockError, ImageWriteError, OptionError, SaveStateError
+from .format import encode_tail, plan_layout
 from .imagefile import ImageFile
 from .signals import signals_deferred
 from .stats import PassStats, SaveStats, StatusBoard
@@ -207,10 +207,10 @@ class Saver:
         self._file = ImageFile(self.path, in_place=self.in_place, mode=self.mode,
                                follow_symlinks=self.follow_symlinks, direct_io=self.direct_io)
         if self.in_place:
-            self._cut_in_place()
+            self._file.cut_old_stream(self.layout.start, self.sync)
         # The header goes first: from here on a failure leaves an image
         # that reads as incomplete, not an empty file.
-        self._write_setup()
+        self._file.write_setup(self.layout)
         hashing = isinstance(self.tracker, HashTracker)
         self._group = ChannelGroup.launch(
             self.channels, self._file.channel_fd, self.path, writing=True,
@@ -244,23 +244,14 @@ class Saver:
         started = time.perf_counter()
         self._pass("complete", pages)
         bitmaps = [self._group.file_bitmap(index) for index in range(len(self.layout.blocks))]
-        if self.sync:
-            self._phase("sync")
-            self._on_file(os.fdatasync)  # the pages are on disk before the bitmaps claim them
-        for bits, block in zip(bitmaps, self.layout.blocks):
-            self._pwrite(bits.tobytes(), block.bitmap_offset)
-        if self.sync and self.in_place:
-            # Written in place, the file is never renamed: the bitmaps must
-            # be on disk before the END that makes them count.
-            self._on_file(os.fdatasync)
-        present = [int(np.unpackbits(bits).sum()) for bits in bitmaps]
+        present = [int(np.bitwise_count(bits).sum(dtype=np.int64)) for bits in bitmaps]
         self.stats.pages_present = sum(present)
         iterate_passes = len(self.stats.passes) - 1
-        tail = encode_tail(self.layout, iterate_passes, self._description(present))
-        self._pwrite(tail, self.layout.tail_offset)
-        self._on_file(os.ftruncate, self.layout.tail_offset + len(tail))
         if self.sync:
-            self._on_file(os.fdatasync)
+            self._phase("sync")
+        self._file.finish(self.layout, bitmaps,
+                          encode_tail(self.layout, iterate_passes, self._description(present)),
+                          self.sync)
         # Named and completed, or neither: a Ctrl-C in between would have
         # close() discard a file that is already in place.
         self._phase("rename")
@@ -330,31 +321,6 @@ class Saver:
             raise SaveStateError(f"cannot {action}: the saver of {self.path} is "
                                  f"{_STATE_WORDS[self.state]}")
 
-    def _cut_in_place(self) -> None:
-        """Drop the older stream in the file before writing ours, so that a
-        failure never leaves a stale END, and never a file that reads as
-        "not an image" either: first its END goes (cut at its tail: it
-        reads as an incomplete stream), then setup writes our header, cuts
-        everything after it (the old pages: they held memory) and only then
-        writes the rest."""
-        fd = self._file.fd
-        if os.fstat(fd).st_size <= self.layout.start:
-            return
-        try:
-            old_tail = decode_stream(fd, self.path, self.layout.start).layout.tail_offset
-        except FormatError:
-            old_tail = self.layout.start  # not a stream: nothing to keep readable
-        self._on_file(os.ftruncate, old_tail)
-        if self.sync:
-            self._on_file(os.fdatasync)  # the old END is gone before anything is written
-
-    def _write_setup(self) -> None:
-        (offset, header), *rest = encode_setup(self.layout)
-        self._pwrite(header, offset)
-        self._on_file(os.ftruncate, offset + len(header))
-        for offset, data in rest:
-            self._pwrite(data, offset)
-
     def _abandon(self) -> None:
         """A save that failed, its channels stopped.  A new file is simply
         dropped (ImageFile.discard); one written in place is cut back to
@@ -364,25 +330,11 @@ class Saver:
         if not self.in_place:
             return
         try:
-            self._on_file(os.ftruncate, self.layout.start)
-            self._write_setup()
+            self._file.call(os.ftruncate, self.layout.start)
+            self._file.write_setup(self.layout)
         except OSError as error:
             warnings.warn(f"{self.path}: the failed save could not cut the file "
                           f"back to an empty image: {error}", RuntimeWarning, stacklevel=3)
-
-    def _on_file(self, call: Callable[..., Any], *args: Any) -> Any:
-        """``call(fd, *args)`` on the image file; its error names the file,
-        which errors of calls on a bare descriptor do not."""
-        try:
-            return call(self._file.fd, *args)
-        except OSError as error:
-            raise ImageWriteError(error.errno, error.strerror, self.path) from None
-
-    def _pwrite(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            written = self._on_file(os.pwrite, view, offset)
-            view, offset = view[written:], offset + written
 
     def _check_tracker(self, tracker: DirtyTracker) -> None:
         expected = {b.name: b.pages for b in self.blocks}

@@ -394,12 +394,12 @@ def test_a_save_in_place_killed_right_after_its_cut_leaves_an_incomplete_image(s
     script.write_text(textwrap.dedent("""
         import os, signal, sys
         import parallel_save as ps
-        from parallel_save import saver
+        from parallel_save import imagefile
 
         block = ps.RamBlock.from_file("ram0", sys.argv[2])
         # Die the moment the old stream's END is cut, before our header is
         # written.
-        saver.Saver._write_setup = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+        imagefile.ImageFile.write_setup = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
         ps.save(sys.argv[1], [block], channels=1, in_place=True)
     """))
     block = shm.block("ram0", 256, fill=0.5, seed=5)

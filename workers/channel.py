@@ -49,6 +49,7 @@ from ..control import (
     SAVE,
     SHARDS_DONE,
     STOP,
+    SWITCH,
     UNCHANGED_PAGES,
     WRITE_CALLS,
     ZERO_PAGES,
@@ -456,7 +457,10 @@ def channel_main(number: int, conn, plan: ChannelPlan) -> None:
             message = pickle.loads(conn.recv_bytes())
             if message[0] == STOP:
                 break
-            if message[0] == SAVE:
+            if message[0] == SWITCH:
+                os.close(channel.fd)
+                channel.fd = reduction.recv_handle(conn)
+            elif message[0] == SAVE:
                 channel.save(message[1])
             elif message[0] == RESTORE:
                 channel.restore(message[1], message[2])
