@@ -40,6 +40,8 @@ from .errors import (
 # Public name -> the module that defines it.
 _LAZY = {
     "clean": "artifacts",
+    "Checkpointer": "checkpoint", "CheckpointStats": "checkpoint",
+    "latest_checkpoint": "checkpoint", "restore_latest": "checkpoint",
     "RamBlock": "blocks",
     "BlockInfo": "image", "Image": "image", "open_image": "image",
     "restore": "restorer",
@@ -55,6 +57,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from .artifacts import clean
     from .blocks import RamBlock
+    from .checkpoint import Checkpointer, CheckpointStats, latest_checkpoint, restore_latest
     from .image import BlockInfo, Image, open_image
     from .restorer import restore
     from .saver import Saver, save
@@ -88,6 +91,8 @@ __all__ = [
     "BlockInfo",
     "BlockVerdict",
     "ChannelError",
+    "CheckpointStats",
+    "Checkpointer",
     "ClosedImageError",
     "DestinationError",
     "DirectIOError",
@@ -114,9 +119,11 @@ __all__ = [
     "__version__",
     "clean",
     "describe_image",
+    "latest_checkpoint",
     "open_image",
     "read_status",
     "restore",
+    "restore_latest",
     "save",
     "uffd_support",
     "verify_image",

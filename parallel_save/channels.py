@@ -197,15 +197,17 @@ class ChannelGroup:
     def launch(cls, count: int, image_fd: int, image_name: str, *, writing: bool,
                direct_io: bool, sources: Sequence[BlockSource],
                pages_offsets: Sequence[int], hash_keys: np.ndarray | None = None,
+               hash_tables: int = 1,
                start_method: str | None = None) -> ChannelGroup:
         """Start ``count`` channels on the image open as ``image_fd`` (each
         gets that descriptor, never a path) and wait until all have
         attached.  ``image_name`` is how errors name the file.
         ``hash_keys``: the channels run the hash tracker with these keys
-        (tracking/hashing.py)."""
+        (tracking/hashing.py), against ``hash_tables`` tables of page hashes
+        (one per image file they will write: :meth:`switch_file`)."""
         method = choose_start_method(start_method)
         layout = ControlLayout(count, tuple(s.length // PAGE_SIZE for s in sources),
-                               hash_keys is not None)
+                               hash_tables if hash_keys is not None else 0)
         control = ControlSegment.create(layout)
         if hash_keys is not None:
             control.hash_keys[:] = hash_keys
@@ -278,12 +280,14 @@ class ChannelGroup:
         merged = np.bitwise_or.reduce(control.file_bitmaps, axis=0)
         return control.block_bits(merged, block).copy()
 
-    def switch_file(self, image_fd: int, file_bitmaps: Sequence[np.ndarray]) -> None:
+    def switch_file(self, image_fd: int, file_bitmaps: Sequence[np.ndarray],
+                    hash_table: int = 0) -> None:
         """Make every channel work on another image file from now on, whose
         bitmaps (packed, one per block) say which pages it holds: what a
         checkpointer does when it turns from one image to the other.  Each
         channel gets the bits of its own chunks only, as if it had written
-        them (see control.py: the OR merge rests on it)."""
+        them (see control.py: the OR merge rests on it).  With the hash
+        tracker, ``hash_table`` holds the hashes of what that file holds."""
         control = self.control
         for index, bits in enumerate(file_bitmaps):
             chunk_of_byte = (control.layout.chunk_bases[index]
@@ -294,12 +298,17 @@ class ChannelGroup:
                 row[:bits.size] = np.where(owner == number, bits, 0)
                 row[bits.size:] = 0
         for number in range(self.count):
-            self._send(number, (SWITCH,))
+            self._send(number, (SWITCH, hash_table))
             try:
                 reduction.send_handle(self.connections[number], image_fd,
                                       self.processes[number].pid)
             except OSError:
                 pass  # it died; the next pass reports how
+
+    def forget_hashes(self, hash_table: int) -> None:
+        """The file of this table holds nothing yet: every page hashes as
+        a zero page's (0), so every non-zero page is written."""
+        self.control.page_hashes[hash_table] = 0
 
     def channel_stats(self) -> list[ChannelStats]:
         return [ChannelStats.from_row(i, row) for i, row in enumerate(self.control.counters)]

@@ -13,8 +13,9 @@ It holds, for a save or restore with N channels over blocks of P pages:
   the dirty pages of a save pass, or the present pages of a restore;
 - with the hash tracker only (tracking/hashing.py): ``hash_keys[2, 1024]``
   (uint64), drawn by the coordinator for this save, and
-  ``page_hashes[pages, 2]`` (uint64, every block's pages end to end): the
-  hash of what the file holds for each page, kept by the page's channel.
+  ``page_hashes[tables, pages, 2]`` (uint64, every block's pages end to
+  end): the hash of what the file holds for each page, kept by the page's
+  channel; one table per image file (a checkpointer's two images).
 
 Bitmaps are packed little-endian bits, each block's at its own 8-byte
 aligned base, exactly QEMU's on-disk words, so merging them and writing
@@ -57,8 +58,9 @@ if CHUNK_PAGES % 64:
 SAVE = "save"          # (SAVE, chunks): write the dirty pages of these chunks
 RESTORE = "restore"    # (RESTORE, chunks, zero_clear): read the present pages
 STOP = "stop"          # (STOP,): close everything and exit
-SWITCH = "switch"      # (SWITCH,), then a descriptor on the connection: work on
-                       # this image file from now on (a checkpoint's other image)
+SWITCH = "switch"      # (SWITCH, hash table), then a descriptor on the connection:
+                       # work on this image file from now on (a checkpoint's other
+                       # image), hashing against that table
 # Replies, channel to coordinator.
 READY = "ready"        # (READY,): attached, waiting for work
 DONE = "done"          # (DONE,): the pass's chunks are handled
@@ -88,7 +90,7 @@ class ControlLayout:
 
     channels: int
     block_pages: tuple[int, ...]
-    hashing: bool = False
+    hash_tables: int = 0     # page hash tables: one per image file hashed against
 
     @property
     def bitmap_bases(self) -> tuple[int, ...]:
@@ -130,9 +132,13 @@ class ControlLayout:
 
     @property
     def size(self) -> int:
-        if not self.hashing:
-            return self.hashes_offset
-        return self.hashes_offset + (HASH_WORDS + sum(self.block_pages)) * HASH_LANES * 8
+        return self.hashes_offset + (
+            0 if not self.hashing
+            else (HASH_WORDS + self.hash_tables * sum(self.block_pages)) * HASH_LANES * 8)
+
+    @property
+    def hashing(self) -> bool:
+        return self.hash_tables > 0
 
 
 class ControlSegment:
@@ -156,8 +162,9 @@ class ControlSegment:
                                            keys).reshape(HASH_LANES, HASH_WORDS)
             pages = sum(layout.block_pages)
             self.page_hashes = np.frombuffer(
-                mapping, np.uint64, pages * HASH_LANES,
-                keys + HASH_LANES * HASH_WORDS * 8).reshape(pages, HASH_LANES)
+                mapping, np.uint64, layout.hash_tables * pages * HASH_LANES,
+                keys + HASH_LANES * HASH_WORDS * 8).reshape(layout.hash_tables, pages,
+                                                            HASH_LANES)
 
     @classmethod
     def create(cls, layout: ControlLayout) -> ControlSegment:

@@ -186,6 +186,7 @@ class Channel:
         self.bitmap_bases = plan.control.bitmap_bases
         self.window_pages = WINDOW_PAGES
         self.hasher = None
+        self.hash_table = 0
         if plan.control.hashing:
             self.hasher = PageHasher(self.control.hash_keys)
             self.window_pages = HASH_WINDOW_PAGES
@@ -350,8 +351,9 @@ class Channel:
             hashes[dirty_pages] = self.hasher.hash(gathered)
         new = hashes[dirty_pages]
         index = self.page_bases[block] + first + dirty_pages
-        rows = np.flatnonzero((new != self.control.page_hashes[index]).any(axis=1))
-        self.control.page_hashes[index[rows]] = new[rows]
+        table = self.control.page_hashes[self.hash_table]
+        rows = np.flatnonzero((new != table[index]).any(axis=1))
+        table[index[rows]] = new[rows]
         changed = dirty_pages[rows]
         mask = np.zeros(words.shape[0], dtype=bool)
         mask[changed] = True
@@ -460,6 +462,8 @@ def channel_main(number: int, conn, plan: ChannelPlan) -> None:
             if message[0] == SWITCH:
                 os.close(channel.fd)
                 channel.fd = reduction.recv_handle(conn)
+                channel.hash_table = message[1]
+                continue  # no reply: the next pass's is the answer
             elif message[0] == SAVE:
                 channel.save(message[1])
             elif message[0] == RESTORE:

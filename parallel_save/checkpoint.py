@@ -1,0 +1,326 @@
+"""Repeated checkpoints of the same memory: warm channels, incremental
+images, always one good image.
+
+A :class:`Checkpointer` keeps two images side by side in a directory,
+``checkpoint-a.img`` and ``checkpoint-b.img``, each a complete QEMU
+mapped-ram image that QEMU loads, and writes each checkpoint over the older
+of the two.  Every page has a fixed place in the file, so bringing the
+older image up to date means writing only the pages changed since *that
+image* was last written: the union of the dirty sets of the last two
+checkpoints (or, with the hash tracker, the pages whose hash differs from
+what that image holds).  Its channels, their mappings of the blocks and
+both files stay open from one checkpoint to the next.
+
+Why a crash never costs the previous checkpoint, nor passes off a mixed
+image as complete (a crash, a power cut or a SIGKILL at any moment):
+
+1. Only the older image is written; the newer one is not touched at all.
+2. Before the first byte of a checkpoint reaches the older image, its END
+   is cut off (and, with ``sync``, that cut is on disk): from its first
+   change on, it reads as incomplete.
+3. Its pages, then its bitmaps are written and synced; only then its END
+   and EOF, synced again.  It claims completeness only once everything it
+   claims is on disk.
+
+Each image's description carries a generation number, one more than the
+newest complete image's: :func:`latest_checkpoint` picks the complete
+image with the highest.  A checkpoint that fails leaves its image
+incomplete; the next one writes that image whole again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Self
+
+import numpy as np
+
+from ._version import __version__
+from .blocks import RamBlock
+from .channels import ChannelGroup, choose_start_method
+from .errors import BlockError, FormatError, ParallelSaveError, SaveStateError
+from .format import encode_tail, our_metadata, plan_layout
+from .image import open_image
+from .imagefile import ImageFile
+from .restorer import restore
+from .saver import check_blocks, check_channels, check_sources
+from .signals import signals_deferred
+from .stats import RestoreStats
+from .tracking import DirtyTracker, HashTracker
+
+IMAGE_NAMES = ("checkpoint-a.img", "checkpoint-b.img")
+DirtySet = Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class CheckpointStats:
+    """One checkpoint: which image, which generation, what it wrote."""
+
+    image: str
+    generation: int
+    full: bool                 # every page looked at (an image's first checkpoint)
+    dirty_pages: int           # pages looked at
+    pages_written: int
+    zero_pages: int
+    pages_unchanged: int       # hash tracker: looked at, unchanged since that image
+    bytes_written: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Side:
+    """One of the two images and what the checkpointer knows of it."""
+
+    def __init__(self, index: int, path: str) -> None:
+        self.index = index
+        self.path = path
+        self.file: ImageFile | None = None
+        self.generation = 0              # 0: holds no checkpoint of ours yet
+        self.bitmaps: list[np.ndarray] | None = None  # None: write it whole next time
+        self.pending: list[np.ndarray] | None = None  # pages changed since it was written
+
+
+def _generation(path: str) -> int:
+    """The generation of a complete checkpoint image, else 0."""
+    try:
+        with open_image(path) as image:
+            ours = our_metadata(image.description or {}) or {}
+    except (FormatError, OSError, ParallelSaveError):
+        return 0
+    generation = ours.get("checkpoint", {}).get("generation") if isinstance(ours, dict) else None
+    return generation if isinstance(generation, int) and generation > 0 else 0
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> tuple[str, int]:
+    """The newest complete checkpoint image in ``directory`` and its
+    generation; an :class:`IncompleteImageError`-free choice: an image that
+    is being written, or was cut short by a crash, is never chosen."""
+    directory = os.fspath(directory)
+    found = [(_generation(os.path.join(directory, name)), os.path.join(directory, name))
+             for name in IMAGE_NAMES]
+    generation, path = max(found)
+    if not generation:
+        raise ParallelSaveError(f"{directory}: no complete checkpoint image "
+                                f"({' or '.join(IMAGE_NAMES)})")
+    return path, generation
+
+
+def restore_latest(directory: str | os.PathLike, into: Any, channels: int = 4,
+                   **options: Any) -> tuple[str, RestoreStats]:
+    """Restore the newest complete checkpoint of ``directory`` into
+    ``into`` (as :func:`restore`); returns the image it chose and the stats."""
+    path, _ = latest_checkpoint(directory)
+    return path, restore(path, into, channels, **options)
+
+
+class Checkpointer:
+    """Checkpoint ``blocks`` into ``directory`` again and again.
+
+    ::
+
+        with ps.Checkpointer("ckpt/", [ram], channels=4, tracker=log) as ckpt:
+            while running:
+                step()
+                stats = ckpt.checkpoint()     # only what changed since that image
+
+    ``tracker`` says which pages changed: a :class:`DirtyLog` or an
+    :class:`UffdTracker` (collected at each checkpoint), ``"hash"`` (the
+    channels hash every page and write those that differ from what the
+    image holds: no cooperation from writers), or None: then each
+    :meth:`checkpoint` takes ``dirty=`` (block name -> one bool per page),
+    and without it writes every page.  The first checkpoint of each image
+    writes it whole.
+
+    A checkpoint of memory that keeps changing while it is written is not
+    a point in time: stop the writers around :meth:`checkpoint` for that
+    (a tracker then loses nothing: what they write meanwhile is in the
+    next checkpoint).  ``sync`` (default) makes every checkpoint durable
+    before it returns.  Other options as :class:`Saver`.
+    """
+
+    def __init__(self, directory: str | os.PathLike, blocks: Sequence[RamBlock],
+                 channels: int = 4, *, machine: str = "none",
+                 tracker: DirtyTracker | str | None = None, sync: bool = True,
+                 direct_io: bool = False, mode: int | None = None,
+                 start_method: str | None = None) -> None:
+        self.directory = os.fspath(directory)
+        if not os.path.isdir(self.directory):
+            raise ParallelSaveError(f"{self.directory}: no such directory for checkpoints")
+        self.blocks = check_blocks(blocks)
+        if len({b.name for b in self.blocks}) != len(self.blocks):
+            raise BlockError("a block name is given twice")
+        self.channels = check_channels(channels)
+        self.tracker = HashTracker() if tracker == "hash" else tracker
+        if self.tracker is not None and not isinstance(self.tracker, DirtyTracker):
+            raise BlockError(f"tracker must be a DirtyTracker or 'hash', not {tracker!r}")
+        self.sync = bool(sync)
+        self.direct_io = bool(direct_io)
+        self.mode = mode
+        self.start_method = choose_start_method(start_method)
+        self.layout = plan_layout(((b.name, b.length) for b in self.blocks), machine)
+        self.sides = [_Side(i, os.path.join(self.directory, name))
+                      for i, name in enumerate(IMAGE_NAMES)]
+        # What an earlier run left counts: its newest image is the last to
+        # be written over, and generations go on from it.  Its pages are
+        # not trusted: each image's first checkpoint here writes it whole.
+        for side in self.sides:
+            side.generation = _generation(side.path)
+        self.generation = max(side.generation for side in self.sides)
+        self._group: ChannelGroup | None = None
+        self.checkpoints: list[CheckpointStats] = []
+        self._closed = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def hashing(self) -> bool:
+        return isinstance(self.tracker, HashTracker)
+
+    # --- the checkpoint ---
+
+    def checkpoint(self, dirty: DirtySet = None) -> CheckpointStats:
+        """Bring the older image up to date; returns what it took."""
+        if self._closed:
+            raise SaveStateError(f"the checkpointer of {self.directory} is closed")
+        started = time.perf_counter()
+        changed = self._changed(dirty)
+        target = min(self.sides, key=lambda side: side.generation)
+        for side in self.sides:
+            side.pending = _union(side.pending, changed)
+        full = target.bitmaps is None
+        try:
+            full = self._prepare(target, full)
+            pages = None if full else target.pending
+            counts = self._group.save_pass(
+                [np.ones(b.pages, dtype=bool) for b in self.blocks] if pages is None or
+                self.hashing else pages)
+            bitmaps = [self._group.file_bitmap(i) for i in range(len(self.blocks))]
+            generation = self.generation + 1
+            target.file.finish(self.layout, bitmaps,
+                               encode_tail(self.layout, 0, self._description(generation,
+                                                                            bitmaps)),
+                               self.sync)
+        except BaseException:
+            target.bitmaps = None  # incomplete now: written whole next time
+            target.generation = 0
+            if self._group is not None and not self._group.processes:
+                self._group = None  # a channel failed: the group is stopped
+            raise
+        self.generation = target.generation = generation
+        target.bitmaps = bitmaps
+        target.pending = [np.zeros(b.pages, dtype=bool) for b in self.blocks]
+        dirty_pages = (sum(b.pages for b in self.blocks) if pages is None or self.hashing
+                       else sum(int(np.count_nonzero(p)) for p in pages))
+        stats = CheckpointStats(target.path, generation, full, dirty_pages,
+                                counts.pages_written, counts.zero_pages,
+                                counts.pages_unchanged, counts.bytes_written,
+                                time.perf_counter() - started)
+        self.checkpoints.append(stats)
+        return stats
+
+    def _changed(self, dirty: DirtySet) -> list[np.ndarray] | None:
+        """The pages changed since the last checkpoint (None: unknown, so
+        every page), checked before anything is written."""
+        if self.tracker is not None and dirty is not None:
+            raise SaveStateError("this checkpointer has a tracker: it collects the dirty "
+                                 "pages itself (no dirty=)")
+        if self.tracker is not None and not self.hashing:
+            if not self.checkpoints:
+                self.tracker.start()
+                return None
+            dirty = self.tracker.collect()
+        if dirty is None:
+            return None
+        unknown = set(dirty) - {b.name for b in self.blocks}
+        if unknown:
+            raise BlockError(f"dirty set names unknown blocks: {sorted(map(str, unknown))}")
+        changed = []
+        for block in self.blocks:
+            pages = dirty.get(block.name)
+            if pages is None:
+                pages = np.zeros(block.pages, dtype=bool)
+            pages = np.asarray(pages)
+            if pages.shape != (block.pages,) or pages.dtype.kind not in "biu":
+                raise BlockError(f"dirty set for block {block.name!r} is a {pages.dtype} "
+                                 f"array of shape {pages.shape}, expected one bool per "
+                                 f"page: ({block.pages},)")
+            changed.append(pages.astype(bool))
+        return changed
+
+    def _prepare(self, target: _Side, full: bool) -> bool:
+        """Open the target image (once), make it read as incomplete before
+        anything else is written to it, and point the channels at it;
+        returns whether it is written whole."""
+        if target.file is None:
+            target.file = ImageFile(target.path, in_place=True, mode=self.mode,
+                                    direct_io=self.direct_io)
+        if self._group is None:
+            check_sources(self.blocks)
+            self._group = ChannelGroup.launch(
+                self.channels, target.file.channel_fd, target.path, writing=True,
+                direct_io=self.direct_io, sources=[b.source for b in self.blocks],
+                pages_offsets=[b.pages_offset for b in self.layout.blocks],
+                hash_keys=self.tracker.draw_keys() if self.hashing else None,
+                hash_tables=len(self.sides), start_method=self.start_method)
+            if self.hashing:
+                for side in self.sides:  # a new group's hashes know no file
+                    side.bitmaps = None
+                full = True
+        if full:
+            target.file.cut_old_stream(0, self.sync)
+            target.file.write_setup(self.layout)
+        else:
+            target.file.call(os.ftruncate, self.layout.tail_offset)  # no END any more
+        if self.sync:
+            target.file.call(os.fdatasync)
+        if full and self.hashing:
+            self._group.forget_hashes(target.index)
+        zeros = [np.zeros(-(-b.pages // 8), dtype=np.uint8) for b in self.blocks]
+        self._group.switch_file(target.file.channel_fd,
+                                zeros if full else target.bitmaps, target.index)
+        return full
+
+    def _description(self, generation: int, bitmaps: list[np.ndarray]) -> dict[str, Any]:
+        blocks = []
+        for bits, block in zip(bitmaps, self.layout.blocks):
+            present = int(np.bitwise_count(bits).sum(dtype=np.int64))
+            blocks.append({"name": block.name, "length": block.length, "pages": block.pages,
+                           "pages_present": present, "pages_zero": block.pages - present})
+        return {"parallel_save": {
+            "version": __version__, "machine": self.layout.machine, "blocks": blocks,
+            "channels": self.channels, "direct_io": self.direct_io, "synced": self.sync,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "checkpoint": {"generation": generation},
+        }}
+
+    def close(self) -> None:
+        """Stop the channels and close both images; safe to call twice."""
+        if self._closed:
+            return
+        with signals_deferred():
+            self._closed = True
+            if self._group is not None:
+                self._group.stop()
+                self._group = None
+            for side in self.sides:
+                if side.file is not None:
+                    side.file.close()
+                    side.file = None
+
+
+def _union(first: list[np.ndarray] | None, second: list[np.ndarray] | None
+           ) -> list[np.ndarray] | None:
+    """Pages changed in either (None: every page)."""
+    if first is None or second is None:
+        return None
+    return [a | b for a, b in zip(first, second)]
+
