@@ -42,7 +42,7 @@ from ._version import __version__
 from .blocks import RamBlock
 from .channels import ChannelGroup, choose_start_method
 from .errors import BlockError, FormatError, ParallelSaveError, SaveStateError
-from .format import encode_tail, our_metadata, plan_layout
+from .format import decode_stream, encode_tail, our_metadata, plan_layout
 from .image import open_image
 from .imagefile import ImageFile
 from .restorer import restore
@@ -89,10 +89,16 @@ def _generation(path: str) -> int:
     """The generation of a complete checkpoint image, else 0."""
     try:
         with open_image(path) as image:
-            ours = our_metadata(image.description or {}) or {}
+            return _generation_in(image.description)
     except (FormatError, OSError, ParallelSaveError):
         return 0
-    generation = ours.get("checkpoint", {}).get("generation") if isinstance(ours, dict) else None
+
+
+def _generation_in(description: dict[str, Any] | None) -> int:
+    """The checkpoint generation an image's description records, else 0."""
+    ours = our_metadata(description or {})
+    checkpoint = ours.get("checkpoint") if isinstance(ours, dict) else None
+    generation = checkpoint.get("generation") if isinstance(checkpoint, dict) else None
     return generation if isinstance(generation, int) and generation > 0 else 0
 
 
@@ -113,9 +119,25 @@ def latest_checkpoint(directory: str | os.PathLike) -> tuple[str, int]:
 def restore_latest(directory: str | os.PathLike, into: Any, channels: int = 4,
                    **options: Any) -> tuple[str, RestoreStats]:
     """Restore the newest complete checkpoint of ``directory`` into
-    ``into`` (as :func:`restore`); returns the image it chose and the stats."""
-    path, _ = latest_checkpoint(directory)
-    return path, restore(path, into, channels, **options)
+    ``into`` (as :func:`restore`); returns the image it chose and the stats.
+
+    A checkpointer still running writes the other image, and comes back to
+    this one only at the checkpoint after next, cutting its END first: the
+    image is checked again once restored, and a restore that overlapped
+    that is refused rather than returned mixed."""
+    path, generation = latest_checkpoint(directory)
+    with open_image(path) as image:
+        if _generation_in(image.description) != generation:
+            raise ParallelSaveError(f"{path}: overwritten by a running checkpointer while "
+                                    f"it was chosen; restore again")
+        stats = restore(image, into, channels, **options)
+        after = decode_stream(image.fileno(), path)
+        if not after.complete or _generation_in(after.description) != generation:
+            raise ParallelSaveError(f"{path}: a running checkpointer began writing over "
+                                    f"this checkpoint during the restore; what was "
+                                    f"restored may be mixed: restore again")
+    return path, stats
+
 
 
 class Checkpointer:

@@ -6,6 +6,7 @@
     parallel-save verify IMAGE --block NAME=PATH ...   compare with the sources
     parallel-save demo                                 save and restore a generated image
     parallel-save status BOARD                         a running save's progress
+    parallel-save checkpoint DIR --block NAME=PATH ... checkpoint again and again
     parallel-save clean [DIR ...]                      remove what killed saves left
 
 Every user mistake ends in one line on stderr, ``parallel-save: error: ...``,
@@ -27,6 +28,7 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 import traceback
 import urllib.parse
 from collections.abc import Sequence
@@ -37,6 +39,7 @@ import numpy as np
 from ._version import __version__
 from .artifacts import clean, stale_files
 from .blocks import RamBlock
+from .checkpoint import Checkpointer, latest_checkpoint
 from .directio import check_direct_io
 from .errors import DirectIOError, ParallelSaveError
 from .format import PAGE_SIZE
@@ -367,6 +370,11 @@ def _undone(plan: Destinations) -> str:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    chosen = []
+    if os.path.isdir(args.image):
+        # A checkpoint directory: its newest complete image.
+        args.image, generation = latest_checkpoint(args.image)
+        chosen = [f"restoring checkpoint {generation}: {_printable(args.image)}"]
     with open_image(args.image, start=args.offset) as image:
         lengths = {name: block.length for name, block in image.blocks.items()}
         with _plan_destinations(args, image) as plan:
@@ -378,9 +386,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
             try:
                 blocks = plan.blocks()
                 with _progress(args) as bar:
-                    stats = restore(args.image, blocks, args.channels, start=args.offset,
-                                    direct_io=args.direct_io, assume_zero=True,
-                                    on_progress=bar)
+                    # The open image: the file checked is the file read.
+                    stats = restore(image, blocks, args.channels, direct_io=args.direct_io,
+                                    assume_zero=True, on_progress=bar)
                 del blocks
             except (ParallelSaveError, OSError) as error:
                 translated = _out_of_space(error, plan)
@@ -394,7 +402,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             created_dir = plan.outdir if plan.outdir_created else None
     ram = sum(lengths.values())
     pages = ram // PAGE_SIZE
-    lines = [f"created the directory {created_dir} (mode 0700)"] if created_dir else []
+    lines = chosen + ([f"created the directory {created_dir} (mode 0700)"]
+                      if created_dir else [])
     lines += [f"  {name!r} -> {_printable(path)}" for name, path in paths.items()]
     lines.append(f"restored {args.image}: {pages} pages ({stats.pages_read} read, "
                  f"{pages - stats.pages_read} zero), {_human_bytes(stats.bytes_read)} read in "
@@ -615,6 +624,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    paths = _unique_blocks(args.block)
+    if not os.path.isdir(args.directory):
+        raise Failure(f"{args.directory}: no such directory for checkpoints")
+    blocks = [_source_block(name, path) for name, path in paths.items()]
+    machine = MACHINE_PRESETS.get(args.machine, args.machine)
+    stop = threading.Event()
+    count = 0
+    # Ctrl-C asks to stop: the checkpoint in flight completes first.
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        with Checkpointer(args.directory, blocks, args.channels, machine=machine,
+                          tracker=None if args.full else "hash",
+                          sync=not args.no_sync, mode=args.mode) as checkpointer:
+            while not stop.is_set():
+                stats = checkpointer.checkpoint()
+                count += 1
+                text = (f"checkpoint {stats.generation} -> {os.path.basename(stats.image)}: "
+                        f"{stats.pages_written} pages written, {stats.zero_pages} zero, "
+                        f"{stats.pages_unchanged} unchanged, "
+                        f"{_human_bytes(stats.bytes_written)} in {stats.seconds:.2f} s")
+                _emit(args, text, {"checkpoint": count, **stats.to_dict()})
+                sys.stdout.flush()  # a line per checkpoint, also into a pipe
+                if args.count and count >= args.count:
+                    break
+                stop.wait(args.every)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stop.is_set() and not args.quiet:
+        print(f"stopped after {count} checkpoint(s)", file=sys.stderr)
+    return 0
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     directories = args.directory
     for directory in directories:
@@ -744,6 +786,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("board", metavar="BOARD")
     sub.add_argument("--json", action="store_true", help="print as JSON")
     sub.set_defaults(run=cmd_status)
+
+    sub = command("checkpoint", "checkpoint files into two images in DIR again and again "
+                  "(only the pages that changed; Ctrl-C stops after the one in flight)")
+    sub.add_argument("directory", metavar="DIR")
+    sub.add_argument("--block", type=_block_spec, action="append", required=True,
+                     metavar="NAME=PATH", help="a file to checkpoint as block NAME")
+    sub.add_argument("--every", type=float, default=60.0, metavar="SECONDS",
+                     help="seconds between checkpoints (default 60)")
+    sub.add_argument("--count", type=int, default=0, metavar="N",
+                     help="stop after N checkpoints (default: until Ctrl-C)")
+    sub.add_argument("--full", action="store_true",
+                     help="write every page each time instead of hashing the pages to "
+                     "find those that changed")
+    sub.add_argument("--machine", default="none", metavar="TYPE",
+                     help="machine type written into the images (default none)")
+    sub.add_argument("--no-sync", action="store_true",
+                     help="do not wait for the disk (a crash may then lose both images' "
+                     "last checkpoints)")
+    sub.add_argument("--mode", type=_mode, default=None, metavar="OCTAL",
+                     help="the images' mode when created (default 600)")
+    sub.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
+                     help=f"worker processes (default {DEFAULT_CHANNELS})")
+    sub.add_argument("--quiet", action="store_true", help="no summary lines")
+    sub.add_argument("--json", action="store_true", help="one JSON line per checkpoint")
+    sub.set_defaults(run=cmd_checkpoint)
 
     sub = command("clean", "remove what saves that were killed left behind (this user's)")
     sub.add_argument("directory", nargs="*", metavar="DIR",

@@ -5,6 +5,7 @@ known to be zero already, as QEMU assumes of fresh RAM)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,7 +16,7 @@ from .channels import ChannelGroup
 from .directio import check_direct_io_fd
 from .errors import BlockError
 from .format import PAGE_SIZE
-from .image import open_image
+from .image import Image, open_image
 from .saver import ProgressCallback, check_blocks, check_channels, check_sources
 from .stats import RestoreStats
 
@@ -42,12 +43,13 @@ def unmatched_blocks(image_blocks: Iterable[str], destinations: Iterable[str]
             [n for n in destinations if n not in image_blocks])
 
 
-def restore(path: str | os.PathLike, into: Destination, channels: int = 4, *,
-            start: int = 0, direct_io: bool = False, assume_zero: bool = False,
+def restore(path: str | os.PathLike | Image, into: Destination, channels: int = 4, *,
+            start: int | None = None, direct_io: bool = False, assume_zero: bool = False,
             start_method: str | None = None,
             on_progress: ProgressCallback | None = None) -> RestoreStats:
-    """Load the image at ``path`` into ``into`` (``{name: buffer}`` or a
-    list of :class:`RamBlock`), with ``channels`` reader processes.
+    """Load the image at ``path`` (or an open :class:`Image`: the file
+    checked is the file read) into ``into`` (``{name: buffer}`` or a list
+    of :class:`RamBlock`), with ``channels`` reader processes.
 
     Every block of the image must have a destination of exactly its length,
     and no destination may be left over: a mismatch is refused before any
@@ -59,9 +61,13 @@ def restore(path: str | os.PathLike, into: Destination, channels: int = 4, *,
     ``path`` meanwhile cannot mix in.
     """
     channels = check_channels(channels)
-    path = os.fspath(path)
     started = time.perf_counter()
-    with open_image(path, start=start) as image:
+    if isinstance(path, Image):
+        opened = contextlib.nullcontext(path)
+    else:
+        opened = open_image(path, start=start)
+    with opened as image:
+        path = image.path
         targets = _destinations(into)
         missing, extra = unmatched_blocks(image.blocks, targets)
         if missing or extra:

@@ -609,3 +609,52 @@ def test_clean_removes_a_dead_saves_partial_image(capsys, tmp_path):
 def test_clean_of_a_missing_directory_is_an_error(capsys, tmp_path):
     assert cli(capsys, "clean", tmp_path / "nowhere") == failure(
         1, f"{tmp_path / 'nowhere'}: no such directory")
+
+
+# --- checkpoints ---
+
+
+def test_checkpoint_count_then_restore_the_directory_picks_the_newest(capsys, ram, tmp_path):
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    status, out, _ = cli(capsys, "checkpoint", directory, "--block", spec(ram), "--count", "3",
+                         "--every", "0", "--channels", "2")
+    lines = out.splitlines()
+    assert status == 0 and len(lines) == 3
+    assert re.fullmatch(r"checkpoint 3 -> checkpoint-a\.img: \d+ pages written, \d+ zero, "
+                        r"\d+ unchanged, .* in \d+\.\d\d s", lines[2]), lines[2]
+    assert re.search(r" 0 pages written, 0 zero, 256 unchanged", lines[2])  # nothing changed
+    status, out, _ = cli(capsys, "restore", directory, "--outdir", tmp_path / "out")
+    assert status == 0
+    assert out.splitlines()[0] == f"restoring checkpoint 3: {directory / 'checkpoint-a.img'}"
+    assert (tmp_path / "out" / "ram0").read_bytes() == bytes(ram.array)
+
+
+def test_checkpoint_stops_on_ctrl_c_after_the_checkpoint_in_flight(ram, tmp_path):
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "parallel_save", "checkpoint", directory,
+                                "--block", spec(ram), "--every", "0.05", "--channels", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = process.stdout.readline()
+        ram.array[:PAGE_SIZE] = 5  # a change the next checkpoints pick up
+        while not re.search(r"^checkpoint [4-9]", process.stdout.readline()):
+            pass
+        process.send_signal(signal.SIGINT)
+        _out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.wait()
+    assert first.startswith("checkpoint 1 -> checkpoint-a.img:")
+    assert process.returncode == 0
+    assert re.fullmatch(r"stopped after \d+ checkpoint\(s\)\n", err), err
+    path, generation = ps.latest_checkpoint(directory)
+    with ps.open_image(path) as image:
+        assert np.array_equal(image.read_block("ram0"), ram.array)
+    assert generation >= 4
+
+
+def test_checkpoint_into_a_missing_directory_is_an_error(capsys, ram, tmp_path):
+    assert cli(capsys, "checkpoint", tmp_path / "nowhere", "--block", spec(ram)) == failure(
+        1, f"{tmp_path / 'nowhere'}: no such directory for checkpoints")
