@@ -540,7 +540,7 @@ def test_bench_is_not_a_command_of_the_installed_tool(capsys):
     # The benchmarks are a tool of the repository (python -m bench), not shipped.
     assert cli(capsys, "bench", "--help") == failure(
         2, "argument COMMAND: invalid choice: 'bench' (choose from 'save', 'restore', "
-        "'inspect', 'verify', 'demo', 'status', 'clean')")
+        "'inspect', 'verify', 'demo', 'status', 'checkpoint', 'clean')")
 
 
 # --- QEMU loads what the command writes ---
