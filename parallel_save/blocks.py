@@ -12,6 +12,7 @@ instead of being saved from a stale copy.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 from dataclasses import dataclass
@@ -28,7 +29,11 @@ class BlockSource:
     """How a channel maps a block: ``length`` bytes of ``path`` from
     ``offset``.  ``device`` and ``inode`` name the file the coordinator
     saw: a channel that opens the path and finds another file (replaced
-    since) refuses it instead of saving or restoring the wrong memory."""
+    since) refuses it instead of saving or restoring the wrong memory.
+
+    A private block (no file: ``path`` is empty) is ``length`` bytes at the
+    address ``offset`` of the coordinator's memory, which only a channel
+    forked from it sees: a snapshot's copy-on-write view."""
 
     path: str
     offset: int
@@ -149,7 +154,36 @@ class RamBlock:
 
     @property
     def pages(self) -> int:
-        return self.array.size // PAGE_SIZE
+        return self.length // PAGE_SIZE
+
+    @property
+    def private(self) -> bool:
+        """Private memory: only a snapshot (channels forked at the
+        checkpoint) can save it."""
+        return not self.source.path
+
+    @classmethod
+    def snapshot_of(cls, name: str, buffer: Any) -> RamBlock:
+        """A block over any page-aligned buffer, private memory included (a
+        plain numpy array): for :class:`Checkpointer` ``(snapshot=True)``,
+        whose channels are forked at each checkpoint and see the memory as
+        it was at that instant.  Shared memory is taken as :class:`RamBlock`
+        takes it."""
+        array = _byte_view(buffer)
+        address = array.ctypes.data
+        covering = _mappings_covering(address, array.size)
+        if covering and all("s" in entry[2] for entry in covering):
+            return cls(name, buffer)
+        block = cls.__new__(cls)
+        block._keep = None
+        check_block_name(name)
+        check_block_length(name, array.size)
+        if address % PAGE_SIZE:
+            raise BlockError(f"block {name!r}: its buffer starts at 0x{address:x}, "
+                             f"which is not {PAGE_SIZE}-byte (page) aligned")
+        block.name, block.array, block._keep = name, array, buffer
+        block.source = BlockSource("", address, array.size)
+        return block
 
     def __repr__(self) -> str:
         return (f"RamBlock({self.name!r}, {self.length} bytes at "
@@ -188,9 +222,17 @@ class RamBlock:
 
 class BlockMapping:
     """A block's bytes mapped in this process (a channel), without copying,
-    and the descriptor of its file (for finding its holes)."""
+    and the descriptor of its file (for finding its holes); a private
+    block's bytes where a forked channel inherited them (no file: ``fd``
+    and ``mapping`` are None)."""
 
     def __init__(self, source: BlockSource, writable: bool) -> None:
+        self.source = source
+        if not source.path:
+            self.fd, self.mapping, self.skip = -1, None, 0
+            self.array = np.ctypeslib.as_array(
+                (ctypes.c_uint8 * source.length).from_address(source.offset))
+            return
         self.fd = open_source(source, writable)
         try:
             start = source.offset - source.offset % mmap.ALLOCATIONGRANULARITY
@@ -203,7 +245,6 @@ class BlockMapping:
             raise
         self.array = np.frombuffer(self.mapping, dtype=np.uint8, count=source.length,
                                    offset=self.skip)
-        self.source = source
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -20,8 +20,10 @@ caller's: no ``if __name__ == "__main__"`` guard is needed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
+import select
 import signal
 import socket
 import subprocess
@@ -168,6 +170,55 @@ class SpawnedChannel:
             self.sentinel = -1
 
 
+def _fork_channel(number: int, pairs: list, plan: ChannelPlan, report: int) -> int:
+    """In a snapshot's holder: fork channel ``number`` on its end of
+    ``pairs``; returns its pid.  The channel closes the holder's ``report``
+    pipe, which the coordinator reads to its end."""
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1
+    try:
+        os.close(report)
+        for index, (ours, theirs) in enumerate(pairs):
+            ours.close()
+            if index != number:
+                theirs.close()
+        _channel(number, Connection(pairs[number][1].detach()), plan)
+        status = 0
+    finally:
+        os._exit(status)
+
+
+class ForeignChannel:
+    """A channel that is not our child (a snapshot's holder forked it), with
+    the few methods of a ``multiprocess.Process`` the group uses: it is
+    watched and killed through a pidfd; how it ended is not ours to see."""
+
+    def __init__(self, number: int, pid: int) -> None:
+        self.name = f"parallel-save channel {number}"
+        self.pid = pid
+        self.sentinel = os.pidfd_open(pid)
+
+    exitcode = None  # not ours to see: "stopped answering"
+
+    def is_alive(self) -> bool:
+        return self.sentinel >= 0 and not select.select([self.sentinel], [], [], 0)[0]
+
+    def kill(self) -> None:
+        if self.is_alive():
+            signal.pidfd_send_signal(self.sentinel, signal.SIGKILL)
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.sentinel >= 0:
+            select.select([self.sentinel], [], [], timeout)
+
+    def close(self) -> None:
+        if self.sentinel >= 0:
+            os.close(self.sentinel)
+            self.sentinel = -1
+
+
 @dataclass(frozen=True)
 class PassCounts:
     """What one pass did, summed over the channels."""
@@ -192,6 +243,9 @@ class ChannelGroup:
         # Every byte that crosses a pipe, both ways: the proof that pages don't.
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._ready = False                   # every channel said READY
+        self.holder: int | None = None        # a snapshot's holder process
+        self.snapshot_pause = 0.0             # seconds the caller was stopped for it
 
     @classmethod
     def launch(cls, count: int, image_fd: int, image_name: str, *, writing: bool,
@@ -206,13 +260,15 @@ class ChannelGroup:
         (tracking/hashing.py), against ``hash_tables`` tables of page hashes
         (one per image file they will write: :meth:`switch_file`)."""
         method = choose_start_method(start_method)
+        if any(not source.path for source in sources):
+            method = "snapshot"  # private memory: only forked channels see it
         layout = ControlLayout(count, tuple(s.length // PAGE_SIZE for s in sources),
                                hash_tables if hash_keys is not None else 0)
         control = ControlSegment.create(layout)
         if hash_keys is not None:
             control.hash_keys[:] = hash_keys
         plan = ChannelPlan(image_name, writing, direct_io, tuple(sources),
-                           tuple(pages_offsets), layout, os.getpid())
+                           tuple(pages_offsets), layout, os.getpid(), os.getpid())
         group = cls(count, plan, control)
         group.start(method, image_fd)
         return group
@@ -224,7 +280,9 @@ class ChannelGroup:
             # there ("Exception ignored"), and leave logging's lock taken:
             # it waits until the channels are started.
             with signals_deferred():
-                for number in range(self.count):
+                if method == "snapshot":
+                    self._start_snapshot()
+                for number in range(self.count if method != "snapshot" else 0):
                     if method == "spawn":
                         process = SpawnedChannel(number, self.plan)
                         ours = process.connection
@@ -238,14 +296,59 @@ class ChannelGroup:
                         theirs.close()
                     self.processes.append(process)
                     self.connections.append(ours)
+                for ours, process in zip(self.connections, self.processes):
                     # Over the connection's socket (SCM_RIGHTS): the channel
                     # works on the very file the coordinator checked.
                     reduction.send_handle(ours, image_fd, process.pid)
                     reduction.send_handle(ours, self.control.fd, process.pid)
-            self._wait_all(READY, None)
+            if method != "snapshot":  # a snapshot's caller goes on at once
+                self._wait_ready()
         except BaseException:
             self.stop(force=True)
             raise
+
+    def _wait_ready(self) -> None:
+        self._wait_all(READY, None)  # a failure stops every channel
+        self._ready = True
+
+    def _start_snapshot(self) -> None:
+        """Channels that see this process's memory as it is now, however
+        it changes next: one fork (the caller's only pause) of a holder,
+        the copy-on-write snapshot, which forks the channels from itself.
+        Their connections are made before, so they reach this process."""
+        pairs = [socket.socketpair() for _ in range(self.count)]
+        report_read, report_write = os.pipe()
+        self.snapshot_pause = time.perf_counter()
+        holder = os.fork()
+        if holder == 0:  # the holder: its memory is the snapshot
+            status = 1
+            try:
+                os.close(report_read)
+                plan = dataclasses.replace(self.plan, parent=os.getpid())
+                pids = [_fork_channel(number, pairs, plan, report_write)
+                        for number in range(self.count)]
+                os.write(report_write, " ".join(map(str, pids)).encode())
+                os.close(report_write)
+                for ours, theirs in pairs:
+                    ours.close()
+                    theirs.close()
+                channel_process.die_with_coordinator(self.plan)
+                for pid in pids:
+                    os.waitpid(pid, 0)
+                status = 0
+            finally:
+                os._exit(status)
+        self.snapshot_pause = time.perf_counter() - self.snapshot_pause
+        self.holder = holder
+        os.close(report_write)
+        with os.fdopen(report_read, "rb") as report:
+            pids = [int(pid) for pid in report.read().split()]
+        if len(pids) != self.count:
+            raise ChannelError(len(pids), "the snapshot could not start its channels")
+        for number, ((ours, theirs), pid) in enumerate(zip(pairs, pids)):
+            theirs.close()
+            self.processes.append(ForeignChannel(number, pid))
+            self.connections.append(Connection(ours.detach()))
 
     # --- passes ---
 
@@ -357,6 +460,8 @@ class ChannelGroup:
 
     def _run(self, messages: list[tuple], progress: PassProgress | None,
              total: int) -> PassCounts:
+        if not self._ready:
+            self._wait_ready()
         counters = self.control.counters
         before = counters.sum(axis=0)
 
@@ -453,3 +558,6 @@ class ChannelGroup:
                 process.close()
             self.processes, self.connections = [], []
             self.control.close()
+            if self.holder is not None:
+                os.waitpid(self.holder, 0)  # it ends once its channels have
+                self.holder = None

@@ -31,6 +31,7 @@ incomplete; the next one writes that image whole again.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -68,9 +69,41 @@ class CheckpointStats:
     pages_unchanged: int       # hash tracker: looked at, unchanged since that image
     bytes_written: int
     seconds: float
+    pause_seconds: float = 0.0  # snapshot: how long the caller was stopped for the fork
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class PendingCheckpoint:
+    """A snapshot checkpoint being written in the background; :meth:`wait`
+    gives its stats (or raises what made it fail)."""
+
+    def __init__(self, checkpointer: Checkpointer, target: _Side, started: float,
+                 pause: float) -> None:
+        self.pause_seconds = pause
+        self._result: CheckpointStats | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(checkpointer, target,
+                                                                started, pause),
+                                        name="parallel-save snapshot", daemon=True)
+        self._thread.start()
+
+    def _run(self, checkpointer: Checkpointer, target: _Side, started: float,
+             pause: float) -> None:
+        try:
+            self._result = checkpointer._write(target, started, pause)
+        except BaseException as error:  # noqa: BLE001 -- handed to wait()
+            self._error = error
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> CheckpointStats:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 class _Side:
@@ -169,7 +202,7 @@ class Checkpointer:
                  channels: int = 4, *, machine: str = "none",
                  tracker: DirtyTracker | str | None = None, sync: bool = True,
                  direct_io: bool = False, mode: int | None = None,
-                 start_method: str | None = None) -> None:
+                 start_method: str | None = None, snapshot: bool = False) -> None:
         self.directory = os.fspath(directory)
         if not os.path.isdir(self.directory):
             raise ParallelSaveError(f"{self.directory}: no such directory for checkpoints")
@@ -180,6 +213,13 @@ class Checkpointer:
         self.tracker = HashTracker() if tracker == "hash" else tracker
         if self.tracker is not None and not isinstance(self.tracker, DirtyTracker):
             raise BlockError(f"tracker must be a DirtyTracker or 'hash', not {tracker!r}")
+        self.snapshot = bool(snapshot)
+        if self.snapshot and self.hashing:
+            raise BlockError("a snapshot checkpointer takes a DirtyLog, an UffdTracker or "
+                             "dirty sets, not the hash tracker (its channels are new at "
+                             "each checkpoint)")
+        if not self.snapshot:
+            check_sources(self.blocks)
         self.sync = bool(sync)
         self.direct_io = bool(direct_io)
         self.mode = mode
@@ -194,6 +234,7 @@ class Checkpointer:
             side.generation = _generation(side.path)
         self.generation = max(side.generation for side in self.sides)
         self._group: ChannelGroup | None = None
+        self._pending: PendingCheckpoint | None = None
         self.checkpoints: list[CheckpointStats] = []
         self._closed = False
 
@@ -209,18 +250,47 @@ class Checkpointer:
 
     # --- the checkpoint ---
 
-    def checkpoint(self, dirty: DirtySet = None) -> CheckpointStats:
-        """Bring the older image up to date; returns what it took."""
+    def checkpoint(self, dirty: DirtySet = None, *, wait: bool = True
+                   ) -> CheckpointStats | PendingCheckpoint:
+        """Bring the older image up to date; returns what it took.
+
+        With ``snapshot``, the channels are forked now and see the memory
+        as it is at this instant, whatever the caller writes next; the
+        call returns once they are forked with ``wait=False`` (a
+        :class:`PendingCheckpoint`: its ``wait()`` gives the stats; the
+        next checkpoint waits for it)."""
         if self._closed:
             raise SaveStateError(f"the checkpointer of {self.directory} is closed")
+        self._finish_pending()
         started = time.perf_counter()
         changed = self._changed(dirty)
         target = min(self.sides, key=lambda side: side.generation)
         for side in self.sides:
             side.pending = _union(side.pending, changed)
-        full = target.bitmaps is None
+        if target.file is None:
+            target.file = ImageFile(target.path, in_place=True, mode=self.mode,
+                                    direct_io=self.direct_io)
+        if not self.snapshot:
+            return self._write(target, started)
         try:
-            full = self._prepare(target, full)
+            self._launch(target)  # the instant of the snapshot
+        except BaseException:
+            self._failed(target)
+            raise
+        pending = PendingCheckpoint(self, target, started, self._group.snapshot_pause)
+        self._pending = pending
+        return pending.wait() if wait else pending
+
+    def _finish_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.wait()
+
+    def _write(self, target: _Side, started: float, pause: float = 0.0) -> CheckpointStats:
+        """Everything after the instant: the target made to read as
+        incomplete, the pass, the bitmaps and the END."""
+        try:
+            full = self._prepare(target, target.bitmaps is None)
             pages = None if full else target.pending
             counts = self._group.save_pass(
                 [np.ones(b.pages, dtype=bool) for b in self.blocks] if pages is None or
@@ -232,11 +302,12 @@ class Checkpointer:
                                                                             bitmaps)),
                                self.sync)
         except BaseException:
-            target.bitmaps = None  # incomplete now: written whole next time
-            target.generation = 0
-            if self._group is not None and not self._group.processes:
-                self._group = None  # a channel failed: the group is stopped
+            self._failed(target)
             raise
+        finally:
+            if self.snapshot and self._group is not None:
+                self._group.stop()  # its channels see this instant only
+                self._group = None
         self.generation = target.generation = generation
         target.bitmaps = bitmaps
         target.pending = [np.zeros(b.pages, dtype=bool) for b in self.blocks]
@@ -245,9 +316,15 @@ class Checkpointer:
         stats = CheckpointStats(target.path, generation, full, dirty_pages,
                                 counts.pages_written, counts.zero_pages,
                                 counts.pages_unchanged, counts.bytes_written,
-                                time.perf_counter() - started)
+                                time.perf_counter() - started, pause)
         self.checkpoints.append(stats)
         return stats
+
+    def _failed(self, target: _Side) -> None:
+        target.bitmaps = None  # incomplete now: written whole next time
+        target.generation = 0
+        if self._group is not None and not self._group.processes:
+            self._group = None  # a channel failed: the group is stopped
 
     def _changed(self, dirty: DirtySet) -> list[np.ndarray] | None:
         """The pages changed since the last checkpoint (None: unknown, so
@@ -278,25 +355,26 @@ class Checkpointer:
             changed.append(pages.astype(bool))
         return changed
 
+    def _launch(self, target: _Side) -> None:
+        """Start the channels on the target image."""
+        self._group = ChannelGroup.launch(
+            self.channels, target.file.channel_fd, target.path, writing=True,
+            direct_io=self.direct_io, sources=[b.source for b in self.blocks],
+            pages_offsets=[b.pages_offset for b in self.layout.blocks],
+            hash_keys=self.tracker.draw_keys() if self.hashing else None,
+            hash_tables=len(self.sides), start_method=self.start_method)
+        if self.hashing:
+            for side in self.sides:  # a new group's hashes know no file
+                side.bitmaps = None
+
     def _prepare(self, target: _Side, full: bool) -> bool:
-        """Open the target image (once), make it read as incomplete before
-        anything else is written to it, and point the channels at it;
-        returns whether it is written whole."""
-        if target.file is None:
-            target.file = ImageFile(target.path, in_place=True, mode=self.mode,
-                                    direct_io=self.direct_io)
+        """Make the target image read as incomplete before anything else
+        is written to it, and point the channels at it; returns whether it
+        is written whole."""
         if self._group is None:
             check_sources(self.blocks)
-            self._group = ChannelGroup.launch(
-                self.channels, target.file.channel_fd, target.path, writing=True,
-                direct_io=self.direct_io, sources=[b.source for b in self.blocks],
-                pages_offsets=[b.pages_offset for b in self.layout.blocks],
-                hash_keys=self.tracker.draw_keys() if self.hashing else None,
-                hash_tables=len(self.sides), start_method=self.start_method)
-            if self.hashing:
-                for side in self.sides:  # a new group's hashes know no file
-                    side.bitmaps = None
-                full = True
+            self._launch(target)
+            full = full or self.hashing
         if full:
             target.file.cut_old_stream(0, self.sync)
             target.file.write_setup(self.layout)
@@ -328,6 +406,12 @@ class Checkpointer:
         """Stop the channels and close both images; safe to call twice."""
         if self._closed:
             return
+        try:
+            self._finish_pending()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
         with signals_deferred():
             self._closed = True
             if self._group is not None:

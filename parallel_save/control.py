@@ -215,4 +215,6 @@ class ChannelPlan:
     sources: tuple[BlockSource, ...]
     pages_offsets: tuple[int, ...]   # each block's pages region in the file
     control: ControlLayout
-    coordinator: int                 # pid (and parent) of the channel: it dies with it
+    coordinator: int                 # pid of the coordinator: the channel dies with it
+    parent: int                      # pid the channel's parent must have: the
+                                     # coordinator, or a snapshot's holder

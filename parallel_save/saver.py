@@ -71,6 +71,10 @@ def check_sources(blocks: Sequence[RamBlock]) -> None:
     channel maps it (a channel would fail to attach, or die of SIGBUS)."""
     for block in blocks:
         source = block.source
+        if block.private:
+            raise BlockError(f"block {block.name!r}: its buffer is private memory; the "
+                             f"channels (other processes) cannot see it. Use shared "
+                             f"memory, or a Checkpointer(snapshot=True)")
         try:
             size = os.stat(source.path).st_size
         except FileNotFoundError:

@@ -3,6 +3,7 @@ good image (docs/DESIGN.md, checkpoints)."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import signal
@@ -233,3 +234,58 @@ def test_a_sigkill_at_any_moment_leaves_the_previous_checkpoint_restorable(
         target = shm.block("ram0", 1024, fill="garbage")
         ps.restore(path, [target], channels=2)
         assert np.array_equal(target.array, memory)
+
+
+# --- snapshots of private memory ---
+
+
+def private_array(pages: int, seed: int) -> np.ndarray:
+    """A plain numpy array (private memory), page aligned, random pages."""
+    memory = mmap.mmap(-1, pages * PAGE_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    array = np.frombuffer(memory, np.uint8)
+    array[:] = np.random.default_rng(seed).integers(0, 256, array.size, dtype=np.uint8)
+    array.reshape(-1, PAGE_SIZE)[::3] = 0
+    return array
+
+
+def test_a_snapshot_holds_the_memory_at_the_call_while_the_caller_writes_on(shm, tmp_path):
+    array = private_array(4096, seed=10)
+    block = ps.RamBlock.snapshot_of("ram0", array)
+    assert block.private
+    with ps.Checkpointer(tmp_path, [block], channels=2, snapshot=True) as ckpt:
+        at_the_call = array.copy()
+        pending = ckpt.checkpoint(wait=False)
+        array[:] = 0xAB  # every page changes under the running checkpoint
+        stats = pending.wait()
+    assert stats.full and stats.pause_seconds < stats.seconds
+    _, memory = restored(shm, tmp_path, block)
+    assert np.array_equal(memory, at_the_call)
+
+
+def test_snapshots_with_userfaultfd_write_only_what_changed(shm, tmp_path):
+    if ps.uffd_support() is not None:
+        pytest.skip(f"userfaultfd write-protect: {ps.uffd_support()}")
+    array = private_array(1024, seed=11)
+    block = ps.RamBlock.snapshot_of("ram0", array)
+    with ps.UffdTracker([block]) as tracker, \
+            ps.Checkpointer(tmp_path, [block], channels=2, snapshot=True,
+                            tracker=tracker) as ckpt:
+        ckpt.checkpoint()
+        ckpt.checkpoint()
+        array[5 * PAGE_SIZE:7 * PAGE_SIZE] = 3
+        third = ckpt.checkpoint()
+        array[100 * PAGE_SIZE] = 9
+        fourth = ckpt.checkpoint()
+        assert (third.full, third.dirty_pages) == (False, 2)
+        assert (fourth.full, fourth.dirty_pages) == (False, 3)  # 5, 6 for this image, and 100
+        _, memory = restored(shm, tmp_path, block)
+        assert np.array_equal(memory, array)
+
+
+def test_private_memory_is_refused_outside_a_snapshot(tmp_path):
+    block = ps.RamBlock.snapshot_of("ram0", private_array(16, seed=12))
+    with pytest.raises(ps.BlockError, match="private memory; the channels .* cannot see it"):
+        ps.save(tmp_path / "vm.img", [block], channels=1)
+    with pytest.raises(ps.BlockError, match="private memory"):
+        ps.Checkpointer(tmp_path, [block], channels=1)
+    assert os.listdir(tmp_path) == []

@@ -78,7 +78,7 @@ def die_with_coordinator(plan: ChannelPlan) -> None:
         pidfd = os.pidfd_open(plan.coordinator)
     except ProcessLookupError:
         os.kill(os.getpid(), signal.SIGKILL)
-    if os.getppid() != plan.coordinator:
+    if os.getppid() != plan.parent:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def watch() -> None:
@@ -238,7 +238,8 @@ class Channel:
         """Map the runs of pages in one system call each: a channel's
         mapping starts empty, and faulting it in page by page costs twice
         as much as the zero detection itself."""
-        if not self.can_populate or len(starts) > MAX_POPULATE_RUNS:
+        if not self.can_populate or len(starts) > MAX_POPULATE_RUNS \
+                or self.blocks[block].mapping is None:
             return
         advice = _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ
         mapping, skip = self.blocks[block].mapping, self.blocks[block].skip
@@ -254,7 +255,7 @@ class Channel:
         file (None: none, or the file system cannot say).  They are zero,
         and reading them through the mapping would allocate them on tmpfs:
         a sparse source stays sparse."""
-        if not self.can_seek_holes:
+        if not self.can_seek_holes or self.blocks[block].fd < 0:
             return None
         fd, source = self.blocks[block].fd, self.plan.sources[block]
         low = source.offset + first * PAGE_SIZE
