@@ -15,6 +15,10 @@ cycle left at that path.  One fault is injected at a random moment:
     enospc      an image larger than the tmpfs it is saved to
     garbage     a malformed dirty set in the middle of the passes
     restore     SIGKILL a channel of the restore that checks the image
+    coordinator SIGKILL the coordinator itself: the save runs in a process
+                of its own, killed in any phase (setup, a pass, complete,
+                the rename); nothing of it may survive: no channel, no
+                segment in /dev/shm, no partial file
 
 Then the cycle is judged.  A save that returned must restore exactly the
 memory it saved.  A save that raised must have raised one of the errors a
@@ -53,7 +57,21 @@ import parallel_save as ps
 from parallel_save.signals import STOP_SIGNALS, terminate_cleanly
 
 PAGE_SIZE = 4096
-FAULTS = ("none", "kill", "interrupt", "terminate", "enospc", "garbage", "restore")
+FAULTS = ("none", "kill", "interrupt", "terminate", "enospc", "garbage", "restore",
+          "coordinator")
+# The save that the "coordinator" fault kills: a process of its own.
+SAVE_IN_A_PROCESS = """
+import json, sys
+import parallel_save as ps
+image, blocks, options, passes = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), \
+    int(sys.argv[4])
+blocks = [ps.RamBlock.from_file(name, path) for name, path in blocks.items()]
+with ps.Saver(image, blocks, **options) as saver:
+    saver.setup()
+    for _ in range(passes):
+        saver.iterate()
+    saver.complete()
+"""
 # Larger images do not fit on the small tmpfs with an older one beside them.
 SMALL_TMPFS = 6 << 20
 # A cycle that takes longer than this is a hang.
@@ -244,6 +262,9 @@ class Soak:
         self.tally.context = (f"{kind}, {path.name}, {sum(b.pages for b in blocks)} pages, "
                               + ", ".join(f"{k}={v}" for k, v in options.items()))
         fault = Fault(kind, self.rng)
+        if kind == "coordinator":
+            self._kill_the_coordinator(number, path, blocks, options, old, fault)
+            return
         error: BaseException | None = None
         expected: dict[str, np.ndarray] = {}
         started = time.monotonic()
@@ -285,6 +306,54 @@ class Soak:
         for block in blocks:
             os.unlink(block.source.path)
 
+    def _kill_the_coordinator(self, number: int, path: Path, blocks: list[ps.RamBlock],
+                              options: dict, old: Known, fault: Fault) -> None:
+        """The save in a process of its own (its own process group, so that
+        whatever it started can be found), SIGKILLed at a random moment."""
+        expected = {b.name: b.array.copy() for b in blocks}
+        command = [sys.executable, "-c", SAVE_IN_A_PROCESS, str(path),
+                   json.dumps({b.name: b.source.path for b in blocks}), json.dumps(options),
+                   str(int(self.rng.integers(0, 3)))]
+        started = time.monotonic()
+        process = subprocess.Popen(command, start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        delay = float(self.rng.uniform(0, FAULT_SPREAD * (self.usual["save"] + 0.3)))
+        try:
+            process.wait(delay)
+        except subprocess.TimeoutExpired:
+            fault.fired_at = time.monotonic()
+            process.kill()
+        _, err = process.communicate()
+        if process.returncode not in (0, -signal.SIGKILL):
+            self.tally.problem(number, f"the save process failed on its own: "
+                                       f"{err.decode(errors='replace')[-300:]}")
+        deadline = time.monotonic() + 5
+        while True:  # its channels die with it, whatever they were doing
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            if time.monotonic() > deadline:
+                self.tally.problem(number, "processes of a killed save survived it")
+                os.killpg(process.pid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        segments = [n for n in os.listdir("/dev/shm")
+                    if n.startswith(f"parallel-save-{process.pid}-")]
+        if segments:
+            self.tally.problem(number, f"a killed save left segments: {segments}")
+        partials = [n for n in os.listdir(path.parent) if n.endswith(".partial")]
+        if partials:
+            self.tally.problem(number, f"a killed save left partial files: {partials}")
+        killed = fault.fired_at is not None
+        self.tally.outcomes[f"save [coordinator]: {'killed' if killed else 'completed'}"] += 1
+        if not killed:
+            self._learn("save", time.monotonic() - started)
+        self._judge(number, path, old, expected, options["in_place"],
+                    process.returncode != 0, fault)
+        for block in blocks:
+            os.unlink(block.source.path)
+
     def _refused(self, number: int, saver: ps.Saver, dirty: object) -> None:
         try:
             saver.iterate(dirty)
@@ -316,7 +385,8 @@ class Soak:
             self.tally.problem(number, f"UNREADABLE, not even incomplete: {error}")
             self.known[path] = Known()
             return
-        if keeps_old and digest(path) == old.digest:
+        if failed and old.digest is not None and digest(path) == old.digest:
+            # In place too: a save killed before it touched the file.
             self._left("the older image, byte for byte")
             return
         if not saved or sorted(saved) != names:

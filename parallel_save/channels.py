@@ -145,7 +145,10 @@ class SpawnedChannel:
         self.pid = self._popen.pid
         self.sentinel = os.pidfd_open(self.pid)
         self.connection = Connection(ours.detach())
-        self.connection.send_bytes(pickle.dumps((number, plan)))
+        try:
+            self.connection.send_bytes(pickle.dumps((number, plan)))
+        except OSError:
+            pass  # it died at once: the group's wait reports how
 
     @property
     def exitcode(self) -> int | None:
@@ -299,8 +302,11 @@ class ChannelGroup:
                 for ours, process in zip(self.connections, self.processes):
                     # Over the connection's socket (SCM_RIGHTS): the channel
                     # works on the very file the coordinator checked.
-                    reduction.send_handle(ours, image_fd, process.pid)
-                    reduction.send_handle(ours, self.control.fd, process.pid)
+                    try:
+                        reduction.send_handle(ours, image_fd, process.pid)
+                        reduction.send_handle(ours, self.control.fd, process.pid)
+                    except OSError:
+                        pass  # it died: the wait below reports how
             if method != "snapshot":  # a snapshot's caller goes on at once
                 self._wait_ready()
         except BaseException:
