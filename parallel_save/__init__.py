@@ -1,14 +1,24 @@
 """parallel-save: save and restore large memory images in parallel, in
 QEMU's mapped-ram migration file format.
 
+Example (README.md has more: live saves, checkpoints, restores)::
+
+    import numpy as np
+    from multiprocessing import shared_memory
     import parallel_save as ps
-    blocks = [ps.RamBlock("ram0", shm.buf)]
-    with ps.Saver("vm.img", blocks, channels=4) as saver:
-        saver.setup()
-        saver.iterate()
-        saver.complete(dirty={"ram0": changed})
-    ps.restore("vm.img", {"ram0": other.buf}, channels=4)
-    with ps.open_image("vm.img") as image: ...
+
+    shm = shared_memory.SharedMemory(create=True, size=1 << 20)
+    try:
+        with ps.RamBlock("ram0", shm.buf) as ram:
+            ram.array[:4096] = 7
+            ps.save("vm.img", [ram], channels=2)
+            copy = np.zeros(ram.length, dtype=np.uint8)
+            with ps.open_image("vm.img") as image:
+                image.read_block("ram0", out=copy)
+            assert copy.tobytes() == ram.array.tobytes()
+    finally:
+        shm.close()
+        shm.unlink()
 
 The names below are imported when first used: a channel started as a new
 interpreter imports only the modules it needs (its start-up time is the

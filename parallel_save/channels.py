@@ -434,7 +434,7 @@ class ChannelGroup:
             if bits is None:
                 bits = np.zeros(0, dtype=np.uint8)
             if bits.size > target.size:
-                raise ValueError(f"block {index}: {bits.size} bitmap bytes, "
+                raise OptionError(f"block {index}: {bits.size} bitmap bytes, "
                                  f"expected at most {target.size}")
             for at in range(0, target.size, BITMAP_STEP):
                 new = bits[at:at + BITMAP_STEP]

@@ -176,7 +176,7 @@ def restore_latest(directory: str | os.PathLike, into: Any, channels: int = 4,
 class Checkpointer:
     """Checkpoint ``blocks`` into ``directory`` again and again.
 
-    ::
+    In outline (complete examples: README.md)::
 
         with ps.Checkpointer("ckpt/", [ram], channels=4, tracker=log) as ckpt:
             while running:

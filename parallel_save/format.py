@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BlockError, FormatError, IncompleteImageError
+from .errors import BlockError, FormatError, IncompleteImageError, OptionError
 
 # --- constants of QEMU's migration stream (migration/savevm.c, ram.c) ---
 
@@ -231,13 +231,13 @@ def plan_layout(blocks: Iterable[tuple[str, int]], machine: str = "none", *,
     1 MiB boundary, the next record starts where the pages end.
     """
     if start < 0:
-        raise ValueError(f"stream start offset {start} is negative")
+        raise OptionError(f"stream start offset {start} is negative")
     machine_raw = machine.encode("utf-8") if isinstance(machine, str) else b""
     if not machine_raw or len(machine_raw) > MAX_MACHINE_NAME:
-        raise ValueError(f"machine type {machine!r} must be 1 to "
+        raise OptionError(f"machine type {machine!r} must be 1 to "
                          f"{MAX_MACHINE_NAME} bytes")
     if MAPPED_RAM not in capabilities:
-        raise ValueError("the capabilities must include mapped-ram")
+        raise OptionError("the capabilities must include mapped-ram")
     blocks = list(blocks)
     if not blocks:
         raise BlockError("an image needs at least one RAM block")
@@ -320,7 +320,7 @@ def qemu_description(layout: StreamLayout, ours: dict[str, Any]) -> dict[str, An
     """
     clash = sorted(set(ours) & set(QEMU_DESCRIPTION_KEYS))
     if clash:
-        raise ValueError(f"description key(s) {clash} are QEMU's own")
+        raise OptionError(f"description key(s) {clash} are QEMU's own")
     machine = len(layout.machine.encode("utf-8"))
     # One entry per capability: the analyzer makes repeated names a list.
     capabilities = [{"name": "capabilities", "type": "capability",
@@ -633,7 +633,7 @@ def decode_stream(fd: int, path: str | os.PathLike, start: int = 0) -> StreamInf
     """
     path = os.fspath(path)
     if start < 0:
-        raise ValueError(f"stream start offset {start} is negative")
+        raise OptionError(f"stream start offset {start} is negative")
     cur = _Cursor(fd, path, start, os.fstat(fd).st_size)
     try:
         return _decode(cur)

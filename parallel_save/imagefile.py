@@ -63,7 +63,7 @@ class ImageFile:
         try:
             self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as error:
-            raise OSError(error.errno, f"cannot open the image's directory: "
+            raise ImageWriteError(error.errno, f"cannot open the image's directory: "
                           f"{error.strerror}", directory) from None
         try:
             old = self._existing()
@@ -101,7 +101,7 @@ class ImageFile:
             if error.errno == errno.ELOOP:
                 raise DestinationError(f"{self.path}: became a symbolic link; "
                                        f"refused") from None
-            raise OSError(error.errno, error.strerror, self.path) from None
+            raise ImageWriteError(error.errno, error.strerror, self.path) from None
         found = os.fstat(self.fd)
         if not stat.S_ISREG(found.st_mode):
             raise DestinationError(f"{self.path}: is {file_kind(found.st_mode)}, not a "
@@ -115,14 +115,14 @@ class ImageFile:
                               dir_fd=self.dir_fd)
         except OSError as error:
             if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                raise OSError(error.errno, error.strerror, self.path) from None
+                raise ImageWriteError(error.errno, error.strerror, self.path) from None
             self.partial = partial_name(self.name)
             try:
                 self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_EXCL
                                   | os.O_NOFOLLOW | os.O_CLOEXEC, DEFAULT_MODE,
                                   dir_fd=self.dir_fd)
             except OSError as error:
-                raise OSError(error.errno, error.strerror, self.path) from None
+                raise ImageWriteError(error.errno, error.strerror, self.path) from None
         # Exactly this mode, whatever the umask; the old image's owner too,
         # where we may (root may; anyone may keep their own).
         os.fchmod(self.fd, mode)
@@ -215,7 +215,7 @@ class ImageFile:
         except OSError as error:
             if old is not None:
                 os.close(old)
-            raise OSError(error.errno, error.strerror, self.path) from None
+            raise ImageWriteError(error.errno, error.strerror, self.path) from None
         self.partial = None
         if old is not None:
             _free_later(old)

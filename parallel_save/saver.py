@@ -100,7 +100,7 @@ _STATE_WORDS = {
 class Saver:
     """Save RAM blocks to ``path`` as a QEMU mapped-ram migration stream.
 
-    ::
+    In outline (complete examples: README.md)::
 
         with Saver(path, blocks, channels=4) as saver:
             saver.setup()

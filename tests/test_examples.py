@@ -1,19 +1,25 @@
-"""Every ```python example of README.md runs as written, in a fresh
-interpreter, and cleans up after itself: exit status 0 and nothing at all
-on stderr (no traceback, no warning such as a leaked shared memory
-segment)."""
+"""Every ```python example of README.md, and the package docstring's, runs
+as written, in a fresh interpreter, and cleans up after itself: exit status
+0 and nothing at all on stderr (no traceback, no warning such as a leaked
+shared memory segment)."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
+import parallel_save as ps
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 EXAMPLES = re.findall(r"^```python\n(.*?)^```$", README.read_text(), re.MULTILINE | re.DOTALL)
+# The package's own docstring example: the indented block after "Example ...::".
+EXAMPLES.append(textwrap.dedent(re.search(r"::\n\n((?:    .*\n|\n)+)",
+                                          ps.__doc__).group(1)))
 
 
 def test_the_readme_has_examples():

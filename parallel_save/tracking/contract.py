@@ -9,7 +9,7 @@ from typing import Self
 import numpy as np
 
 from ..blocks import RamBlock
-from ..errors import BlockError, ParallelSaveError
+from ..errors import BlockError, OptionError, ParallelSaveError
 from ..format import PAGE_SIZE, check_block_length, check_block_name
 from ..stats import PassStats
 
@@ -76,7 +76,7 @@ def block_pages_of(blocks: Sequence[RamBlock] | Mapping[str, int]) -> dict[str, 
 
 def count_dirty(dirty: DirtyPages | None) -> int:
     if dirty is None:
-        raise ValueError("count_dirty needs a dirty set, not None (every page)")
+        raise OptionError("count_dirty needs a dirty set, not None (every page)")
     return sum(int(np.count_nonzero(pages)) for pages in dirty.values())
 
 

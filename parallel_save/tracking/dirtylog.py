@@ -87,7 +87,8 @@ def _layout(total_pages: int, table_bytes: int) -> tuple[int, int, int]:
 
 
 class DirtyLog(DirtyTracker):
-    """A dirty log shared by writer processes and the saver.
+    """A dirty log shared by writer processes and the saver.  In outline
+    (a complete example: README.md).
 
     Owner (usually the saving process)::
 
