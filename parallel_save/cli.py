@@ -40,7 +40,7 @@ from ._version import __version__
 from .artifacts import clean, stale_files
 from .blocks import RamBlock
 from .checkpoint import Checkpointer, latest_checkpoint
-from .directio import check_direct_io
+from .directio import check_direct_io_fd
 from .errors import DirectIOError, ParallelSaveError
 from .format import PAGE_SIZE
 from .image import Image, open_image
@@ -379,8 +379,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         lengths = {name: block.length for name, block in image.blocks.items()}
         with _plan_destinations(args, image) as plan:
             plan.check_not(os.fstat(image.fileno()), "the image")
-            if args.direct_io:
-                check_direct_io(args.image, writable=False, option="--direct-io")
+            if args.direct_io:  # before any destination is touched
+                os.close(check_direct_io_fd(image.fileno(), args.image, writable=False,
+                                            option="--direct-io"))
             plan.check_space(_bytes_to_write(image))
             plan.open()
             try:

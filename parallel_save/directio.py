@@ -67,13 +67,3 @@ def check_direct_io_fd(fd: int, shown: str, writable: bool = True,
         raise DirectIOError(f"{shown}: cannot open with O_DIRECT ({option}): "
                             f"{error.strerror}") from None
 
-
-def check_direct_io(path: str, writable: bool, option: str = "direct_io",
-                    shown: str | None = None) -> None:
-    """Raise :class:`DirectIOError` unless the existing file ``path`` can
-    be opened with O_DIRECT at page alignment."""
-    fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-    try:
-        os.close(check_direct_io_fd(fd, shown or path, writable, option))
-    finally:
-        os.close(fd)
