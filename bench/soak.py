@@ -338,13 +338,7 @@ class Soak:
                 os.killpg(process.pid, signal.SIGKILL)
                 break
             time.sleep(0.01)
-        segments = [n for n in os.listdir("/dev/shm")
-                    if n.startswith(f"parallel-save-{process.pid}-")]
-        if segments:
-            self.tally.problem(number, f"a killed save left segments: {segments}")
-        partials = [n for n in os.listdir(path.parent) if n.endswith(".partial")]
-        if partials:
-            self.tally.problem(number, f"a killed save left partial files: {partials}")
+        self._named_leftovers(number, path, process.pid)
         killed = fault.fired_at is not None
         self.tally.outcomes[f"save [coordinator]: {'killed' if killed else 'completed'}"] += 1
         if not killed:
@@ -447,10 +441,14 @@ class Soak:
         if left:
             states = {pid: _state(pid) for pid in left}
             self.tally.problem(number, f"channel processes left: {states}")
-        segments = [n for n in os.listdir("/dev/shm")
-                    if n.startswith(f"parallel-save-{os.getpid()}-")]
+        self._named_leftovers(number, path, os.getpid())
+
+    def _named_leftovers(self, number: int, path: Path, pid: int) -> None:
+        """Segments of the save's process in /dev/shm, partial files beside
+        its image: none may be left."""
+        segments = [n for n in os.listdir("/dev/shm") if n.startswith(f"parallel-save-{pid}-")]
         if segments:
-            self.tally.problem(number, f"control segments left: {segments}")
+            self.tally.problem(number, f"segments left: {segments}")
         partials = [n for n in os.listdir(path.parent) if n.endswith(".partial")]
         if partials:
             self.tally.problem(number, f"partial files left: {partials}")

@@ -59,6 +59,24 @@ def check_ours(fd: int, path: str, what: str) -> os.stat_result:
     return found
 
 
+def open_ours(path: str, flags: int, what: str) -> tuple[int, os.stat_result]:
+    """Open a named file that must be ours (see :func:`check_ours`), never
+    through a link, never waiting on a FIFO.  A missing file raises
+    ``FileNotFoundError`` (the caller says what that means), any other
+    refusal a :class:`ParallelSaveError` naming the path."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise ParallelSaveError(f"{path}: cannot open the {what}: {error.strerror}") from None
+    try:
+        return fd, check_ours(fd, path, what)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

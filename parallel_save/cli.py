@@ -670,17 +670,6 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mode(text: str) -> int:
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        mode = -1
-    if not 0 <= mode <= 0o777:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an octal file mode such as 600 "
-                                         f"or 640")
-    return mode
-
-
 # --- the parser ---
 
 
@@ -724,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write IMAGE directly instead of a temporary file renamed at the end")
     sub.add_argument("--status-board", metavar="BOARD",
                      help="publish progress under this name for 'parallel-save status BOARD'")
-    sub.add_argument("--mode", type=_mode, default=None, metavar="OCTAL",
+    sub.add_argument("--mode", type=_file_mode, default=None, metavar="OCTAL",
                      help="the new image's mode (default 600, or the mode of the image it "
                      "replaces): it holds memory")
     sub.add_argument("--follow-symlinks", action="store_true",
@@ -805,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-sync", action="store_true",
                      help="do not wait for the disk (a crash may then lose both images' "
                      "last checkpoints)")
-    sub.add_argument("--mode", type=_mode, default=None, metavar="OCTAL",
+    sub.add_argument("--mode", type=_file_mode, default=None, metavar="OCTAL",
                      help="the images' mode when created (default 600)")
     sub.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
                      help=f"worker processes (default {DEFAULT_CHANNELS})")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import control as c
-from .artifacts import SEGMENT_DIR, check_ours, segment_name
+from .artifacts import SEGMENT_DIR, open_ours, segment_name
 from .errors import ParallelSaveError
 
 
@@ -197,15 +197,11 @@ def read_status(name: str) -> dict[str, Any]:
     through one descriptor, from a segment of ours, as JSON."""
     path = board_path(check_board_name(name))
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd, _ = open_ours(path, os.O_RDONLY, "status board")
     except FileNotFoundError:
         raise ParallelSaveError(f"no status board named {name!r} (is the save "
                                 f"running?)") from None
-    except OSError as error:
-        raise ParallelSaveError(f"{path}: cannot open the status board: "
-                                f"{error.strerror}") from None
     try:
-        check_ours(fd, path, "status board")
         raw = os.pread(fd, StatusBoard.SIZE, 0)
     finally:
         os.close(fd)

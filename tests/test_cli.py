@@ -575,7 +575,8 @@ def test_save_refuses_a_mode_that_is_not_octal(capsys, ram, tmp_path):
     status, out, err = cli(capsys, "save", tmp_path / "a.img", "--block", spec(ram),
                            "--mode", "rw-r--r--")
     assert (status, out) == (2, "")
-    assert "argument --mode: 'rw-r--r--' is not an octal file mode such as 600 or 640" in err
+    assert ("argument --mode: expected an octal mode from 0 to 777, such as 600 or 640, "
+            "got 'rw-r--r--'") in err
     assert not (tmp_path / "a.img").exists()
 
 

@@ -63,7 +63,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..artifacts import SEGMENT_DIR, check_ours, segment_name
+from ..artifacts import SEGMENT_DIR, open_ours, segment_name
 from ..blocks import RamBlock
 from ..errors import BlockError, ParallelSaveError
 from ..format import PAGE_SIZE, round_up
@@ -164,18 +164,14 @@ class DirtyLog(DirtyTracker):
             raise TrackingError(f"{name!r} is not a dirty log name (use log.name)")
         path = os.path.join(SEGMENT_DIR, name)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd, found = open_ours(path, os.O_RDWR, "dirty log")
         except FileNotFoundError:
             raise TrackingError(f"no dirty log named {name!r} (closed by its owner, "
                                 f"or never created)") from None
-        except OSError as error:
-            raise TrackingError(f"{path}: cannot open the dirty log: "
-                                f"{error.strerror}") from None
+        except ParallelSaveError as error:
+            raise TrackingError(str(error)) from None
         try:
-            try:
-                size = check_ours(fd, path, "dirty log").st_size
-            except ParallelSaveError as error:
-                raise TrackingError(str(error)) from None
+            size = found.st_size
             if size < TABLE_OFFSET:
                 raise TrackingError(f"{path} is not a dirty log (too short)")
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED)
