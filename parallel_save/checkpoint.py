@@ -47,7 +47,7 @@ from .format import decode_stream, encode_tail, our_metadata, plan_layout
 from .image import open_image
 from .imagefile import ImageFile
 from .restorer import restore
-from .saver import check_blocks, check_channels, check_sources
+from .saver import check_blocks, check_channels, check_dirty_set, check_sources
 from .signals import signals_deferred
 from .stats import RestoreStats
 from .tracking import DirtyTracker, HashTracker
@@ -339,21 +339,8 @@ class Checkpointer:
             dirty = self.tracker.collect()
         if dirty is None:
             return None
-        unknown = set(dirty) - {b.name for b in self.blocks}
-        if unknown:
-            raise BlockError(f"dirty set names unknown blocks: {sorted(map(str, unknown))}")
-        changed = []
-        for block in self.blocks:
-            pages = dirty.get(block.name)
-            if pages is None:
-                pages = np.zeros(block.pages, dtype=bool)
-            pages = np.asarray(pages)
-            if pages.shape != (block.pages,) or pages.dtype.kind not in "biu":
-                raise BlockError(f"dirty set for block {block.name!r} is a {pages.dtype} "
-                                 f"array of shape {pages.shape}, expected one bool per "
-                                 f"page: ({block.pages},)")
-            changed.append(pages.astype(bool))
-        return changed
+        return [np.zeros(block.pages, dtype=bool) if pages is None else pages
+                for block, pages in zip(self.blocks, check_dirty_set(self.blocks, dirty))]
 
     def _launch(self, target: _Side) -> None:
         """Start the channels on the target image."""

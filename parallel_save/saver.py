@@ -86,6 +86,30 @@ def check_sources(blocks: Sequence[RamBlock]) -> None:
                              f"{source.offset} (truncated after the block was made)")
 
 
+def check_dirty_set(blocks: Sequence[RamBlock], dirty: Any) -> list[np.ndarray | None]:
+    """A dirty set (block name -> one bool per page) checked against the
+    blocks: each block's pages as bools, None where it names none; a
+    :class:`BlockError` for anything else, before anything is written."""
+    if not isinstance(dirty, Mapping):
+        raise BlockError(f"a dirty set maps block names to one bool per page, "
+                         f"not a {type(dirty).__name__}")
+    unknown = set(dirty) - {b.name for b in blocks}
+    if unknown:
+        raise BlockError(f"dirty set names unknown blocks: {sorted(map(str, unknown))}")
+    checked = []
+    for block in blocks:
+        pages = dirty.get(block.name)
+        if pages is not None:
+            pages = np.asarray(pages)
+            if pages.dtype.kind not in "biu" or pages.shape != (block.pages,):
+                raise BlockError(f"dirty set for block {block.name!r} is a "
+                                 f"{pages.dtype} array of shape {pages.shape}, "
+                                 f"expected one bool per page: ({block.pages},)")
+            pages = pages.astype(bool, copy=False)
+        checked.append(pages)
+    return checked
+
+
 # What each state means to someone calling a method at the wrong time.
 _STATE_WORDS = {
     "new": "not set up yet (call setup first)",
@@ -360,24 +384,7 @@ class Saver:
         if dirty is None:
             # Made per pass, not kept: a byte per page for the whole save.
             return [np.ones(b.pages, dtype=bool) for b in self.blocks]
-        if not isinstance(dirty, Mapping):
-            raise BlockError(f"a dirty set maps block names to one bool per page, "
-                             f"not a {type(dirty).__name__}")
-        unknown = set(dirty) - {b.name for b in self.blocks}
-        if unknown:
-            raise BlockError(f"dirty set names unknown blocks: {sorted(map(str, unknown))}")
-        checked = []
-        for block in self.blocks:
-            pages = dirty.get(block.name)
-            if pages is not None:
-                pages = np.asarray(pages)
-                if pages.dtype.kind not in "biu" or pages.shape != (block.pages,):
-                    raise BlockError(f"dirty set for block {block.name!r} is a "
-                                     f"{pages.dtype} array of shape {pages.shape}, "
-                                     f"expected one bool per page: ({block.pages},)")
-                pages = pages.astype(bool, copy=False)
-            checked.append(pages)
-        return checked
+        return check_dirty_set(self.blocks, dirty)
 
     def _pass(self, phase: str, dirty: list[np.ndarray | None]) -> PassStats:
         started = time.perf_counter()
