@@ -150,8 +150,13 @@ def test_the_installed_command_saves_and_restores_beside_them(venv, tmp_path):
 @pytest.mark.skipif(not os.environ.get("CI"), reason="CI tests the installed wheel; "
                     "elsewhere the checkout may be what is tested")
 def test_ci_tests_the_installed_package_not_the_checkout():
+    # Installed: in a site-packages (which may lie in the checkout's .venv),
+    # not the checkout's own sources.
     for module in (ps, parallel_save.workers.channel):
-        assert not Path(module.__file__).resolve().is_relative_to(ROOT), module.__file__
+        found = Path(module.__file__).resolve()
+        assert not found.is_relative_to(ROOT / "parallel_save"), module.__file__
+        assert not found.is_relative_to(ROOT / "workers"), module.__file__
+        assert "site-packages" in found.parts, module.__file__
 
 
 def test_a_python_the_tests_start_imports_the_same_package():
