@@ -137,8 +137,8 @@ def _generation_in(description: dict[str, Any] | None) -> int:
 
 def latest_checkpoint(directory: str | os.PathLike) -> tuple[str, int]:
     """The newest complete checkpoint image in ``directory`` and its
-    generation; an :class:`IncompleteImageError`-free choice: an image that
-    is being written, or was cut short by a crash, is never chosen."""
+    generation.  An image being written, or cut short by a crash, reads as
+    incomplete and is never chosen."""
     directory = os.fspath(directory)
     found = [(_generation(os.path.join(directory, name)), os.path.join(directory, name))
              for name in IMAGE_NAMES]
