@@ -137,8 +137,10 @@ class SpawnedChannel:
         self.name = f"parallel-save channel {number}"
         ours, theirs = socket.socketpair()
         try:
+            # -P: not the working directory first on the import path, which
+            # may be a directory others can write (/tmp).
             self._popen = subprocess.Popen(
-                [sys.executable, "-c", self._BOOT, self._ROOT, str(theirs.fileno())],
+                [sys.executable, "-P", "-c", self._BOOT, self._ROOT, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         finally:
             theirs.close()

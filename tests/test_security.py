@@ -408,3 +408,17 @@ def test_a_save_in_place_killed_right_after_its_cut_leaves_an_incomplete_image(s
     assert done.returncode == -signal.SIGKILL
     with pytest.raises(ps.IncompleteImageError, match="did not complete"):
         ps.open_image(path)
+
+
+def test_a_spawned_channel_imports_nothing_from_the_working_directory(shm, tmp_path,
+                                                                      monkeypatch):
+    planted = tmp_path / "numpy"
+    planted.mkdir()
+    marker = tmp_path / "code-ran"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)  # a directory another user could write
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)  # the suite's own guard
+    block = shm.block("ram0", 64, fill=0.5)
+    ps.save(tmp_path / "vm.img", [block], channels=2, start_method="spawn")
+    assert not marker.exists()
+    assert image_bytes_equal(tmp_path / "vm.img", block)
