@@ -104,7 +104,8 @@ def _probe(spec: dict[str, Any]) -> Measurement:
                          f"{err.strip()[-2000:]}")
     result: Measurement = json.loads(out.splitlines()[-1])
     result.update(peak_rss_anon=peak.bytes, peak_processes=peak.processes,
-                  peak_rss_anon_coordinator=peak.root_bytes, peak_pss_anon=peak.pss_bytes)
+                  peak_rss_anon_coordinator=peak.root_bytes, peak_pss_anon=peak.pss_bytes,
+                  peak_page_tables=peak.pte_bytes)
     return result
 
 

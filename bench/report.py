@@ -33,6 +33,7 @@ from .qemu import qemu_binary
 
 MIB = 1 << 20
 MEMORY_LIMIT = 150 * MIB
+MEMORY_TARGET = "save peak Pss_Anon + page tables"
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ def summarise(records: list[dict[str, Any]], sizes: dict[str, int]) -> list[dict
             "verified": all(verified) if verified else None,
             "peak_rss_anon": max(peaks) if peaks else None,
             "peak_pss_anon": max(pss_peaks) if pss_peaks else None,
+            "peak_page_tables": max((r.get("peak_page_tables", 0) for r in ok), default=None),
         })
     return rows
 
@@ -150,17 +152,18 @@ def target_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                              "channels": channels, "value": ratio, "unit": "x",
                              "limit": target.limit, "per_round": per_channels[channels],
                              "pass": ratio <= target.limit})
-        # Pss_Anon summed over coordinator and channels (shared pages split):
-        # what a save costs beyond the image.
+        # Pss_Anon summed over coordinator and channels (shared pages split)
+        # plus their page tables (mapping the image costs those, and no Pss
+        # counts them): what a save costs beyond the image.
         peaks: dict[int, int] = {}
         for record in records:
             if (record["workload"] == workload and record["contender"].startswith("ps save")
                     and "peak_pss_anon" in record):
                 channels = record["channels"]
-                peaks[channels] = max(peaks.get(channels, 0), record["peak_pss_anon"])
+                peak = record["peak_pss_anon"] + record.get("peak_page_tables", 0)
+                peaks[channels] = max(peaks.get(channels, 0), peak)
         for channels, peak in sorted(peaks.items()):
-            rows.append({"workload": workload,
-                         "target": "save peak Pss_Anon, coordinator + channels",
+            rows.append({"workload": workload, "target": MEMORY_TARGET,
                          "channels": channels, "value": peak / MIB, "unit": "MiB",
                          "limit": MEMORY_LIMIT / MIB, "pass": peak < MEMORY_LIMIT})
     return rows

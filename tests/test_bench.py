@@ -14,7 +14,7 @@ import pytest
 
 from bench.__main__ import main, parse_args
 from bench.qemu import qemu_supports_mapped_ram
-from bench.report import TARGETS
+from bench.report import MEMORY_TARGET, TARGETS
 
 CHANNELS = 2
 WORKLOADS = ("random", "dense", "guest")
@@ -130,7 +130,7 @@ def test_targets_are_printed_with_a_verdict(bench_run):
                 if re.search(r"  (PASS|MISS) \(target: (ratio <= [0-9.]+x|below [0-9]+ MiB)\)$",
                              line)]
     labels = [t.label for t in TARGETS if not t.denominator.startswith("qemu")]
-    labels.append("save peak Pss_Anon, coordinator + channels")
+    labels.append(MEMORY_TARGET)
     for layout in WORKLOADS:
         for label in labels:
             assert any(line.startswith(f"{layout} 8 MiB") and label in line

@@ -330,6 +330,31 @@ def test_saving_a_sparse_source_does_not_allocate_its_holes(shm, tmp_path):
         assert np.array_equal(np.fromfile(target, np.uint8), np.fromfile(path, np.uint8))
 
 
+def test_holes_between_windows_are_found_and_data_across_them_saved(shm, tmp_path):
+    """A channel remembers how far SEEK_HOLE found data, window to window:
+    data that runs across a window's end, a hole after it and data in a
+    later window are each saved, and the holes stay unallocated."""
+    pages = 3 * 8192  # three windows of 32 MiB
+    path = shm.path()
+    with open(path, "wb") as file:
+        file.truncate(pages * PAGE_SIZE)
+    with ps.RamBlock.from_file("ram0", path) as block:
+        data = [(8000, 8400), (20000, 20010)]
+        for start, end in data:
+            block.array[start * PAGE_SIZE:end * PAGE_SIZE] = 3
+        written = sum(end - start for start, end in data)
+        for channels in (1, 3):
+            stats = ps.save(tmp_path / "vm.img", [block], channels=channels)
+            assert (stats.pages_written, stats.zero_pages) == (written, pages - written)
+            assert allocated(path) <= written * PAGE_SIZE + 64 * 1024
+        target = shm.path()
+        with open(target, "wb") as file:
+            file.truncate(pages * PAGE_SIZE)
+        with ps.RamBlock.from_file("ram0", target) as copy:
+            ps.restore(tmp_path / "vm.img", [copy], channels=2)
+        assert np.array_equal(np.fromfile(target, np.uint8), np.fromfile(path, np.uint8))
+
+
 def test_restore_gives_back_the_pages_of_zero_pages_in_the_destination(shm, tmp_path):
     source = shm.block("ram0", 1024)
     source.array[:PAGE_SIZE] = 1
