@@ -259,9 +259,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                    "restore": "into fresh all-zero shared memory; parallel-save with "
                               "assume_zero=True (QEMU's own assumption)",
                    "timing": "parallel-save/floors/numpy: inside a fresh process, call to "
-                             "return; QEMU save: its total-time (plus fdatasync of its "
-                             "file, durable; wall_seconds beside it); QEMU load: wall "
-                             "time; dd: wall time"},
+                             "return; QEMU save, warm: its total-time (which leaves out "
+                             "the fdatasync QEMU does at the end); durable: wall time to "
+                             "completion (its fdatasync included) plus an fdatasync of "
+                             "its file; QEMU load: wall time; dd: wall time"},
         "images": images,
         "notes": notes, "runs": records, "summary": rows, "targets": targets,
     }

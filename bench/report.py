@@ -58,6 +58,9 @@ TARGETS = (
     Target("direct save s/byte / dd direct s/byte", "durable", "ps save direct", "dd direct",
            1.25, per_byte=True),
     Target("restore / QEMU multifd load", "warm", "ps restore", "qemu load multifd", 0.8),
+    Target("warm save over an image / to a new path", "warm", "ps save over", "ps save", 1.1),
+    Target("durable save over an image / to a new path", "durable", "ps save over", "ps save",
+           1.1),
 )
 
 Key = tuple[int, str, str, str, int | None]  # round, workload, regime, contender, channels

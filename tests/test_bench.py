@@ -21,6 +21,7 @@ WORKLOADS = ("random", "dense", "guest")
 # (regime, side, contender): what --quick --no-qemu runs at CHANNELS (or
 # without a channel count: the floors).
 PS_CONTENDERS = {("warm", "save", "ps save"), ("durable", "save", "ps save"),
+                 ("warm", "save", "ps save over"), ("durable", "save", "ps save over"),
                  ("durable", "save", "ps save direct"), ("warm", "restore", "ps restore")}
 FLOORS = {("warm", "save", "one writer"), ("warm", "save", "dd"), ("warm", "save", "memcpy"),
           ("durable", "save", "one writer"), ("durable", "save", "dd fdatasync"),
@@ -157,7 +158,9 @@ def test_list_prints_the_contenders_without_running_them(capsys):
     assert main(["--list", "--no-qemu", "--channels", "3", "--only", "ps save*"]) == 0
     lines = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert lines == [["save", "warm", "ps", "save", "3"],
+                     ["save", "warm", "ps", "save", "over", "3"],
                      ["save", "durable", "ps", "save", "3"],
+                     ["save", "durable", "ps", "save", "over", "3"],
                      ["save", "durable", "ps", "save", "direct", "3"]]
 
 

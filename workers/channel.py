@@ -116,8 +116,8 @@ def nonzero_pages(words: np.ndarray, pages: np.ndarray,
     runs, a sparse pass, are gathered first, and only the pages whose first
     word is zero are then read in full."""
     if len(runs[0]) <= MAX_SLICED_RUNS:
-        return np.concatenate([words[start:end].max(axis=1) != 0
-                               for start, end in zip(*runs)] or [np.zeros(0, bool)])
+        return np.concatenate([step_nonzero(words[start:end]) for start, end in zip(*runs)]
+                              or [np.zeros(0, bool)])
     found = words[pages, 0] != 0
     maybe_zero = np.flatnonzero(~found)
     if maybe_zero.size:
