@@ -177,7 +177,11 @@ def _run_rounds(workload: Workload, contenders: list[Contender], args: argparse.
     records = []
     for round_ in range(args.runs):
         context = RunContext(workload, restore_source, DIRTY_FRACTIONS, round_)
-        for contender in contenders:
+        # Each round starts elsewhere in the line-up: whatever the first
+        # runs of a round pay (the disk still discarding the last round's
+        # files) falls on a different contender every round.
+        shift = round_ * len(contenders) // args.runs
+        for contender in contenders[shift:] + contenders[:shift]:
             settle(args.drop_caches and contender.regime == "durable")
             base = {"round": round_, "workload": workload.label, "layout": workload.layout,
                     "size": workload.size, "regime": contender.regime,

@@ -167,6 +167,45 @@ def test_a_file_swapped_in_at_the_rename_is_detected(shm, tmp_path, monkeypatch)
         ps.save(path, [block], channels=1)
 
 
+def test_a_save_over_an_image_takes_only_its_name(shm, tmp_path):
+    """The new image takes the old one's name (exchanged, then the old name
+    unlinked): another link to the old image keeps it, byte for byte, and
+    nothing else is left in the directory."""
+    path, other = tmp_path / "vm.img", tmp_path / "kept.img"
+    old_block, new_block = shm.block("ram0", 256, fill=0.5, seed=1), \
+        shm.block("ram0", 256, fill=0.5, seed=2)
+    ps.save(path, [old_block], channels=2)
+    os.link(path, other)
+    old_bytes = other.read_bytes()
+    ps.save(path, [new_block], channels=2, sync=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.img", "vm.img"]
+    assert other.read_bytes() == old_bytes
+    assert os.stat(path).st_ino != os.stat(other).st_ino
+    target = shm.block("ram0", 256)
+    ps.restore(path, [target], channels=2)
+    assert np.array_equal(target.array, new_block.array)
+
+
+def test_a_file_swapped_in_at_the_exchange_is_detected(shm, tmp_path, monkeypatch):
+    from parallel_save import imagefile
+
+    path = tmp_path / "vm.img"
+    block = shm.block("ram0", 64, fill=0.5)
+    ps.save(path, [block], channels=1)
+    real_exchange = imagefile._exchange
+
+    def exchange_then_swap(dir_fd, first, second):
+        done = real_exchange(dir_fd, first, second)
+        (tmp_path / "evil").write_bytes(b"attacker's")
+        os.rename(tmp_path / "evil", path)  # another process, right after
+        return done
+
+    monkeypatch.setattr(imagefile, "_exchange", exchange_then_swap)
+    with pytest.raises(ps.DestinationError, match=f"{path}: another process replaced the "
+                                                  f"image while it was being put in place"):
+        ps.save(path, [block], channels=1)
+
+
 # --- symbolic links and special files ---
 
 
