@@ -1,15 +1,18 @@
 """Throughput benchmarks of parallel-save against its peers.
 
-    python -m bench --size 2G --runs 3          # from a checkout of the repository
+    python -m bench                  # from a checkout: 1 GiB, 3 workloads, 2 regimes
+    python -m bench --matrix         # 1, 4 and 8 GiB
 
-One image lives in shared memory; every contender saves (or restores) the
-same bytes, round after round, so that a noisy disk hits all of them alike:
-parallel-save at several channel counts, QEMU's own mapped-ram save and load
-over the same memory file, ``dd`` as the ceiling for the same non-zero
-bytes, and ``numpy.ndarray.tofile`` as what a Python user would write.
+Per workload (random, dense, guest) and size, one image lives in shared
+memory; every contender saves (or restores) the same bytes, round after
+round, so that a noisy disk hits all of them alike: parallel-save at
+several channel counts, QEMU's own mapped-ram save and load over the same
+memory file, and the floors (one writer, one reader, ``dd``, memcpy) that
+say what this machine allows; warm and durable regimes apart.
 
-Modules: ``workload`` (the image, the files, dropping caches), ``probe``
-(one parallel-save or numpy operation in a fresh process), ``memory`` (peak
-RssAnon of a process tree), ``contenders`` (what runs, and how it is timed),
-``report`` (medians, ratios against the targets, table, JSON, plot).
+Modules: ``workload`` (the images, the files, dropping caches), ``probe``
+(one parallel-save operation or floor in a fresh process), ``memory`` (peak
+RssAnon, Pss_Anon and page tables of a process tree), ``contenders`` (what
+runs, its peer and floor, and how it is timed), ``report`` (medians, ratios,
+targets, table, JSON, plot), ``qemu`` (the QEMU driver).
 """

@@ -1,16 +1,33 @@
 """What is measured, and how each contender is timed.
 
+Two regimes, each with its own contenders, peers and floors:
+
+- *warm*: no sync, the written file stays in the page cache; the result
+  is there as soon as the call returns;
+- *durable*: the call returns when the data is on disk (``sync=True``;
+  QEMU's time plus an fdatasync of its file, which QEMU does not do).
+
 Timing, per kind (every one starts after caches were settled, and none
 includes starting its process):
 
-- parallel-save and numpy: inside a fresh probe process (bench/probe.py),
-  from before ``Saver``/``restore``/``tofile`` to its return: channel start
-  up, every pass, bitmaps and (with ``sync``) fdatasync included;
-- QEMU save: QEMU's own ``total-time``; the wall time around ``migrate``
-  until completion is recorded beside it;
+- parallel-save, the floors and numpy: inside a fresh probe process
+  (bench/probe.py), from before ``save``/``restore`` to its return:
+  channel start up, every pass, bitmaps and (with ``sync``) fdatasync
+  included;
+- QEMU save, warm: QEMU's own ``total-time``.  QEMU 10 fdatasyncs each
+  multifd channel's file when it closes it, *after* ``total-time`` is
+  taken, and before the migration reads as completed: total-time is QEMU
+  without that sync, the warm regime's measure;
+- QEMU save, durable: wall time from ``migrate`` until the migration is
+  completed (its own fdatasync included), plus an fdatasync of its file
+  (what is left, usually nothing);
 - QEMU load: wall time from ``migrate-incoming`` until completion (an
   incoming QEMU reports no total-time);
 - dd: wall time of the dd process.
+
+Every contender names its *peer* (what it competes with: QEMU at the same
+channel count) and its *floor* (what no contender of its kind can beat on
+this machine, measured in the same round); the report divides by both.
 
 A restore goes into fresh all-zero shared memory, which is what QEMU
 assumes of a load, so parallel-save restores with ``assume_zero=True``.
@@ -20,6 +37,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -59,15 +78,17 @@ class RunContext:
 class Contender:
     """One thing timed per round.  ``run`` returns a measurement (with at
     least ``seconds``) per result name: usually just ``name``, several for
-    the incremental passes.  ``reference`` is the contender its "vs" column
-    divides by; ``core`` ones are what ``--quick`` keeps and what the
-    targets need."""
+    the incremental passes.  ``peer`` and ``floor`` name the contenders (of
+    the same regime; at the same channel count, or without one) its time
+    is divided by; ``core`` ones are what ``--quick`` keeps."""
 
     name: str
     side: str                  # "save" or "restore"
-    channels: int | None       # None: no channel count (dd, numpy, QEMU without multifd)
+    regime: str                # "warm" or "durable"
+    channels: int | None       # None: no channel count (dd, floors, QEMU without multifd)
     run: Callable[[RunContext], dict[str, Measurement]]
-    reference: str | None = None
+    peer: str | None = None
+    floor: str | None = None
     core: bool = False
 
 
@@ -89,7 +110,8 @@ def _probe(spec: dict[str, Any]) -> Measurement:
                          f"{err.strip()[-2000:]}")
     result: Measurement = json.loads(out.splitlines()[-1])
     result.update(peak_rss_anon=peak.bytes, peak_processes=peak.processes,
-                  peak_rss_anon_coordinator=peak.root_bytes, peak_pss_anon=peak.pss_bytes)
+                  peak_rss_anon_coordinator=peak.root_bytes, peak_pss_anon=peak.pss_bytes,
+                  peak_page_tables=peak.pte_bytes)
     return result
 
 
@@ -107,10 +129,21 @@ def _restored(ctx: RunContext, destination: Path, result: Measurement) -> Measur
     return result
 
 
+def _old_image(ctx: RunContext, path: Path) -> None:
+    """An older image at ``path`` for a save to replace: as many allocated
+    bytes as the image's non-zero pages, on disk before the clock starts."""
+    with open(ctx.workload.nonzero_source, "rb") as source, open(path, "wb") as old:
+        shutil.copyfileobj(source, old, 4 << 20)
+        old.flush()
+        os.fsync(old.fileno())
+
+
 def run_ps_save(ctx: RunContext, *, name: str, channels: int, direct_io: bool,
-                sync: bool) -> dict[str, Measurement]:
+                sync: bool, over: bool = False) -> dict[str, Measurement]:
     out = ctx.workload.output("ps")
     try:
+        if over:
+            _old_image(ctx, out)
         return {name: _probe({"op": "save", "image": str(ctx.workload.image),
                               "size": ctx.workload.size, "out": str(out),
                               "channels": channels, "direct_io": direct_io, "sync": sync})}
@@ -134,6 +167,12 @@ def run_ps_passes(ctx: RunContext, *, channels: int) -> dict[str, Measurement]:
             for fraction in ctx.fractions}
 
 
+def run_write_floor(ctx: RunContext, *, name: str, sync: bool) -> dict[str, Measurement]:
+    out = ctx.workload.output("floor")  # the probe writes an unnamed file beside it
+    return {name: _probe({"op": "write_floor", "image": str(ctx.workload.image),
+                          "size": ctx.workload.size, "out": str(out), "sync": sync})}
+
+
 def run_ps_restore(ctx: RunContext, *, name: str, channels: int,
                    direct_io: bool) -> dict[str, Measurement]:
     destination = ctx.workload.destination()
@@ -146,6 +185,21 @@ def run_ps_restore(ctx: RunContext, *, name: str, channels: int,
         destination.unlink(missing_ok=True)
 
 
+def run_read_floor(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
+    destination = ctx.workload.destination()
+    try:
+        result = _probe({"op": "read_floor", "source": str(ctx.restore_source),
+                         "destination": str(destination), "size": ctx.workload.size})
+        return {name: _restored(ctx, destination, result)}
+    finally:
+        destination.unlink(missing_ok=True)
+
+
+def run_memcpy(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
+    return {name: _probe({"op": "memcpy", "nonzero_source": str(ctx.workload.nonzero_source),
+                          "bytes": ctx.workload.nonzero_bytes})}
+
+
 def run_tofile(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
     out = ctx.workload.output("numpy")
     try:
@@ -155,8 +209,19 @@ def run_tofile(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
         remove(out)
 
 
-def run_qemu_save(ctx: RunContext, *, name: str, channels: int,
-                  direct_io: bool) -> dict[str, Measurement]:
+def _fdatasync(path: Path) -> float:
+    """Seconds to make ``path``'s data durable (what QEMU leaves undone)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        started = time.perf_counter()
+        os.fdatasync(fd)
+        return time.perf_counter() - started
+    finally:
+        os.close(fd)
+
+
+def run_qemu_save(ctx: RunContext, *, name: str, channels: int, direct_io: bool,
+                  sync: bool) -> dict[str, Measurement]:
     out = ctx.workload.output("qemu")
     try:
         with QemuVM(ctx.workload.image, ctx.workload.size) as vm:
@@ -164,10 +229,13 @@ def run_qemu_save(ctx: RunContext, *, name: str, channels: int,
             info = vm.save(out, multifd_channels=channels, direct_io=direct_io,
                            timeout=ctx.timeout)
             wall = time.perf_counter() - started
+        synced = _fdatasync(out) if sync else 0.0
     finally:
         remove(out)
     ram = info.get("ram", {})
-    return {name: {"seconds": info["total-time"] / 1000, "wall_seconds": wall,
+    seconds = wall + synced if sync else info["total-time"] / 1000
+    return {name: {"seconds": seconds, "total_time": info["total-time"] / 1000,
+                   "wall_seconds": wall, "sync_seconds": synced,
                    "pages_written": ram.get("normal"), "zero_pages": ram.get("duplicate"),
                    "bytes_transferred": ram.get("transferred")}}
 
@@ -185,10 +253,12 @@ def run_qemu_load(ctx: RunContext, *, name: str, channels: int,
 
 
 def run_dd(ctx: RunContext, *, name: str, flags: tuple[str, ...]) -> dict[str, Measurement]:
-    """The ceiling: the image's non-zero bytes, one sequential stream."""
+    """A disk floor: the image's non-zero bytes, one sequential stream."""
     out = ctx.workload.output("dd")
     try:
-        return {name: _dd(f"if={ctx.workload.nonzero_source}", f"of={out}", *flags)}
+        result = _dd(f"if={ctx.workload.nonzero_source}", f"of={out}", *flags)
+        result["bytes_written"] = ctx.workload.nonzero_bytes
+        return {name: result}
     finally:
         remove(out)
 
@@ -209,63 +279,94 @@ def _dd(*operands: str) -> Measurement:
 
 # --- the line-up -----------------------------------------------------------
 
+WRITE_FLOOR = "one writer"
+READ_FLOOR = "one reader"
+MEMORY_FLOOR = "memcpy"
 
-def _save_contenders(n: int, qemu: bool) -> list[Contender]:
-    def ps_save(name: str, direct_io: bool, sync: bool, reference: str,
-                core: bool = False) -> Contender:
+
+def _save_contenders(n: int, regime: str, qemu: bool, passes: bool) -> list[Contender]:
+    sync = regime == "durable"
+
+    def ps_save(name: str, direct_io: bool, peer: str, floor: str) -> Contender:
         run = functools.partial(run_ps_save, name=name, channels=n, direct_io=direct_io,
                                 sync=sync)
-        return Contender(name, "save", n, run, reference, core)
+        return Contender(name, "save", regime, n, run, peer if qemu else None, floor,
+                         core=True)
 
-    found = [ps_save("ps save", False, False, "dd", core=True),
-             ps_save("ps save sync", False, True, "dd fdatasync"),
-             ps_save("ps save direct", True, False, "dd direct", core=True),
-             ps_save("ps save direct sync", True, True, "dd direct")]
+    def qemu_save(name: str, direct_io: bool, floor: str) -> Contender:
+        run = functools.partial(run_qemu_save, name=name, channels=n, direct_io=direct_io,
+                                sync=sync)
+        return Contender(name, "save", regime, n, run, None, floor, core=True)
+
+    found = [ps_save("ps save", False, "qemu multifd", WRITE_FLOOR)]
+    # The same save over an older image: its peer is the save to a new path.
+    found.append(Contender("ps save over", "save", regime, n, functools.partial(
+        run_ps_save, name="ps save over", channels=n, direct_io=False, sync=sync, over=True),
+        "ps save", WRITE_FLOOR, core=True))
     if qemu:
-        for name, direct_io, reference in (("qemu multifd", False, "dd"),
-                                           ("qemu multifd direct", True, "dd direct")):
-            run = functools.partial(run_qemu_save, name=name, channels=n, direct_io=direct_io)
-            found.append(Contender(name, "save", n, run, reference, core=True))
-    found.append(Contender("ps pass", "save", n, functools.partial(run_ps_passes, channels=n),
-                           "ps save", core=True))
+        found.append(qemu_save("qemu multifd", False, WRITE_FLOOR))
+    if sync:
+        found.append(ps_save("ps save direct", True, "qemu multifd direct", "dd direct"))
+        if qemu:
+            found.append(qemu_save("qemu multifd direct", True, "dd direct"))
+    elif passes:
+        found.append(Contender("ps pass", "save", regime, n,
+                               functools.partial(run_ps_passes, channels=n),
+                               None, "ps save"))
     return found
 
 
-def _restore_contenders(n: int, qemu: bool) -> list[Contender]:
-    found = []
-    for name, direct_io, core in (("ps restore", False, True),
-                                  ("ps restore direct", True, False)):
-        run = functools.partial(run_ps_restore, name=name, channels=n, direct_io=direct_io)
-        found.append(Contender(name, "restore", n, run, "dd read", core))
+def _restore_contenders(n: int, regime: str, qemu: bool) -> list[Contender]:
+    found = [Contender("ps restore", "restore", regime, n, functools.partial(
+        run_ps_restore, name="ps restore", channels=n, direct_io=False),
+        "qemu load multifd" if qemu else None, READ_FLOOR, core=True)]
     if qemu:
-        for name, direct_io, core in (("qemu load multifd", False, True),
-                                      ("qemu load multifd direct", True, False)):
-            run = functools.partial(run_qemu_load, name=name, channels=n, direct_io=direct_io)
-            found.append(Contender(name, "restore", n, run, "dd read", core))
+        found.append(Contender("qemu load multifd", "restore", regime, n, functools.partial(
+            run_qemu_load, name="qemu load multifd", channels=n, direct_io=False),
+            None, READ_FLOOR, core=True))
     return found
 
 
-def lineup(channels: list[int], qemu: bool) -> list[Contender]:
-    """Every contender, in the order of one round: each channel count's
-    contenders side by side, then those without a channel count."""
+def _floors(regime: str) -> list[Contender]:
+    sync = regime == "durable"
+    writer = Contender(WRITE_FLOOR, "save", regime, None, functools.partial(
+        run_write_floor, name=WRITE_FLOOR, sync=sync), None,
+        "dd fdatasync" if sync else MEMORY_FLOOR, core=True)
+    if sync:
+        disks = [("dd fdatasync", ("conv=fdatasync",)), ("dd direct", ("oflag=direct",))]
+    else:
+        disks = [("dd", ())]
+    found = [writer] + [Contender(name, "save", regime, None, functools.partial(
+        run_dd, name=name, flags=flags), None, None, core=True) for name, flags in disks]
+    if not sync:
+        found.append(Contender(MEMORY_FLOOR, "save", regime, None, functools.partial(
+            run_memcpy, name=MEMORY_FLOOR), None, None, core=True))
+        found.append(Contender("numpy tofile", "save", regime, None, functools.partial(
+            run_tofile, name="numpy tofile"), None, "dd"))
+    return found
+
+
+def _restore_floors(regime: str) -> list[Contender]:
+    return [Contender(READ_FLOOR, "restore", regime, None, functools.partial(
+                run_read_floor, name=READ_FLOOR), None, "dd read", core=True),
+            Contender("dd read", "restore", regime, None, functools.partial(
+                run_dd_read, name="dd read"), None, None, core=True)]
+
+
+def lineup(channels: list[int], qemu: bool, regimes: tuple[str, ...] = ("warm", "durable"),
+           restore_regimes: tuple[str, ...] = ("warm",),
+           passes: bool = True) -> list[Contender]:
+    """Every contender, in the order of one round: per regime, each channel
+    count's contenders side by side, then the floors; restores after the
+    saves (only in ``restore_regimes``: a durable restore differs from a
+    warm one only when the caches are dropped)."""
     found = []
-    for n in channels:
-        found += _save_contenders(n, qemu)
-    if qemu:
-        found.append(Contender("qemu save", "save", None, functools.partial(
-            run_qemu_save, name="qemu save", channels=0, direct_io=False), "dd"))
-    for name, flags, core in (("dd", (), True), ("dd fdatasync", ("conv=fdatasync",), False),
-                              ("dd direct", ("oflag=direct",), False)):
-        found.append(Contender(name, "save", None,
-                               functools.partial(run_dd, name=name, flags=flags),
-                               None if name == "dd" else "dd", core))
-    found.append(Contender("numpy tofile", "save", None,
-                           functools.partial(run_tofile, name="numpy tofile"), "dd", core=True))
-    for n in channels:
-        found += _restore_contenders(n, qemu)
-    if qemu:
-        found.append(Contender("qemu load", "restore", None, functools.partial(
-            run_qemu_load, name="qemu load", channels=0, direct_io=False), "dd read"))
-    found.append(Contender("dd read", "restore", None,
-                           functools.partial(run_dd_read, name="dd read"), core=True))
+    for regime in regimes:
+        for n in channels:
+            found += _save_contenders(n, regime, qemu, passes)
+        found += _floors(regime)
+    for regime in restore_regimes:
+        for n in channels:
+            found += _restore_contenders(n, regime, qemu)
+        found += _restore_floors(regime)
     return found

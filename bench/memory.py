@@ -1,4 +1,5 @@
-"""Peak private memory of a save: the coordinator plus all its channels.
+"""Peak private memory of a save: the coordinator plus all its channels
+(and, beside it, the peak of their page tables, which no Pss counts).
 
 The image is a shared file mapping, counted in RssShmem, so RssAnon (from
 /proc/PID/status) is exactly the memory a save costs beyond the image.  It
@@ -76,6 +77,21 @@ def rss_anon(pid: int) -> int:
     return _proc_kib(pid, "status", b"RssAnon:")
 
 
+def status_bytes(pid: int) -> tuple[int, int]:
+    """RssAnon and VmPTE (its page tables) of ``pid`` in bytes, one read;
+    zeros once the process has exited."""
+    found = {b"RssAnon:": 0, b"VmPTE:": 0}
+    try:
+        with open(f"/proc/{pid}/status", "rb") as lines:
+            for line in lines:
+                key = line.split(maxsplit=1)[0] if line.strip() else b""
+                if key in found:
+                    found[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return found[b"RssAnon:"], found[b"VmPTE:"]
+
+
 def pss_anon(pid: int) -> int:
     """Pss_Anon of ``pid`` in bytes: shared copy-on-write pages split
     between their sharers."""
@@ -94,6 +110,7 @@ class PeakRssAnon:
         self.processes = 0
         self.root_bytes = 0
         self.pss_bytes = 0  # the largest Pss_Anon sum, read at RssAnon peaks
+        self.pte_bytes = 0  # the largest VmPTE sum: page tables, in no Pss
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -117,7 +134,8 @@ class PeakRssAnon:
                 found = process_tree(self.root)
                 settled = settled or (len(found) > 1 and len(found) == len(tree))
                 tree = found
-            sizes = [rss_anon(pid) for pid in tree]
+            sizes, tables = zip(*(status_bytes(pid) for pid in tree))
+            self.pte_bytes = max(self.pte_bytes, sum(tables))
             self.samples += 1
             if sum(sizes) > self.bytes:
                 self.bytes, self.processes, self.root_bytes = sum(sizes), len(tree), sizes[0]

@@ -1,16 +1,17 @@
-"""Turning runs into answers: medians, the headline ratios against the
+"""Turning runs into answers: medians, ratios to peers and floors, the
 issue's targets, the table, the JSON record and the plot.
 
-A run record is a dict: ``round``, ``contender`` (the result's name),
-``side``, ``channels`` (None when the contender has no channel count),
-``reference`` and either ``seconds`` (plus whatever the contender reports)
-or ``error``.
+A run record is a dict: ``round``, ``workload`` (layout and size),
+``regime``, ``contender`` (the result's name), ``side``, ``channels`` (None
+when the contender has no channel count), ``peer``, ``floor`` and either
+``seconds`` (plus whatever the contender reports) or ``error``.
 
-Ratios are taken per round (each parallel-save run divided by its peer's
-run of the same round, which met the same disk weather) and summarised as
-the median over rounds.  GB/s is always bytes of the image (1 GB = 10^9
-bytes) per second, whatever the contender wrote: dd copies only the
-non-zero bytes, so its GB/s is the image throughput no saver can beat.
+Ratios are taken per round (each run divided by its peer's or floor's run
+of the same round, workload and regime, which met the same machine
+weather) and summarised as the median over rounds.  GB/s is always bytes
+of the image (1 GB = 10^9 bytes) per second, whatever the contender wrote:
+dd copies only the non-zero bytes, so its GB/s is the image throughput no
+saver can beat with one stream.
 """
 
 from __future__ import annotations
@@ -32,104 +33,142 @@ from .qemu import qemu_binary
 
 MIB = 1 << 20
 MEMORY_LIMIT = 150 * MIB
+MEMORY_TARGET = "save peak Pss_Anon + page tables"
 
 
 @dataclass(frozen=True)
 class Target:
+    """``numerator`` / ``denominator`` (medians of per-round ratios, same
+    workload, regime and channel count) at most ``limit``; with
+    ``per_byte``, times per byte written (a bandwidth ratio, inverted)."""
+
     label: str
+    regime: str
     numerator: str
     denominator: str
     limit: float
+    per_byte: bool = False
 
 
 TARGETS = (
-    Target("save / QEMU multifd (buffered, no sync)", "ps save", "qemu multifd", 0.8),
-    Target("save / dd ceiling", "ps save", "dd", 1.25),
-    Target("direct-io save / QEMU direct-io", "ps save direct", "qemu multifd direct", 0.3),
-    Target("restore / QEMU multifd load", "ps restore", "qemu load multifd", 0.8),
-    Target("1% pass / full save", "ps pass 1%", "ps save", 0.03),
+    Target("warm save / QEMU multifd", "warm", "ps save", "qemu multifd", 1.0),
+    Target("warm save / one-writer floor", "warm", "ps save", "one writer", 1.15),
+    Target("durable save / QEMU multifd + fdatasync", "durable", "ps save", "qemu multifd",
+           0.9),
+    Target("direct save s/byte / dd direct s/byte", "durable", "ps save direct", "dd direct",
+           1.25, per_byte=True),
+    Target("restore / QEMU multifd load", "warm", "ps restore", "qemu load multifd", 0.8),
+    Target("warm save over an image / to a new path", "warm", "ps save over", "ps save", 1.1),
+    Target("durable save over an image / to a new path", "durable", "ps save over", "ps save",
+           1.1),
 )
 
+Key = tuple[int, str, str, str, int | None]  # round, workload, regime, contender, channels
 
-def _timed(records: list[dict[str, Any]]) -> dict[tuple[int, str, int | None], float]:
-    return {(r["round"], r["contender"], r["channels"]): r["seconds"]
+
+def _timed(records: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
+    return {(r["round"], r["workload"], r["regime"], r["contender"], r["channels"]): r
             for r in records if "seconds" in r}
 
 
-def _lookup(timed: dict, round_: int, name: str, channels: int | None) -> float | None:
-    """``name``'s time in ``round_`` at ``channels``, or its only time when
-    it has no channel count (dd)."""
-    found = timed.get((round_, name, channels))
-    return found if found is not None else timed.get((round_, name, None))
+def _find(timed: dict[Key, dict[str, Any]], round_: int, workload: str, regime: str,
+          name: str, channels: int | None) -> dict[str, Any] | None:
+    """``name``'s run in that round at ``channels``, or its only run when it
+    has no channel count (dd, the floors)."""
+    found = timed.get((round_, workload, regime, name, channels))
+    return found if found is not None else timed.get((round_, workload, regime, name, None))
 
 
-def summarise(records: list[dict[str, Any]], image_bytes: int) -> list[dict[str, Any]]:
-    """One row per contender and channel count, in the order first run."""
-    groups: dict[tuple[str, int | None], list[dict[str, Any]]] = {}
+def _ratio(timed: dict[Key, dict[str, Any]], record: dict[str, Any], other: str | None,
+           per_byte: bool = False) -> float | None:
+    if other is None:
+        return None
+    found = _find(timed, record["round"], record["workload"], record["regime"], other,
+                  record["channels"])
+    if found is None or not found["seconds"]:
+        return None
+    if per_byte:
+        if not record.get("bytes_written") or not found.get("bytes_written"):
+            return None
+        return ((record["seconds"] / record["bytes_written"])
+                / (found["seconds"] / found["bytes_written"]))
+    return record["seconds"] / found["seconds"]
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarise(records: list[dict[str, Any]], sizes: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per workload, regime, contender and channel count, in the
+    order first run; ``sizes`` gives each workload's image bytes."""
+    timed = _timed(records)
+    groups: dict[tuple[str, str, str, int | None], list[dict[str, Any]]] = {}
     for record in records:
-        groups.setdefault((record["contender"], record["channels"]), []).append(record)
-    medians = {key: statistics.median(r["seconds"] for r in group if "seconds" in r)
-               for key, group in groups.items() if any("seconds" in r for r in group)}
+        key = (record["workload"], record["regime"], record["contender"], record["channels"])
+        groups.setdefault(key, []).append(record)
     rows = []
-    for (name, channels), group in groups.items():
+    for (workload, regime, name, channels), group in groups.items():
         first = group[0]
-        median = medians.get((name, channels))
-        reference = first["reference"]
-        base = None
-        if reference is not None:
-            base = medians.get((reference, channels), medians.get((reference, None)))
+        ok = [r for r in group if "seconds" in r]
+        median = _median([r["seconds"] for r in ok])
         verified = [r["verified"] for r in group if "verified" in r]
         peaks = [r["peak_rss_anon"] for r in group if "peak_rss_anon" in r]
         pss_peaks = [r["peak_pss_anon"] for r in group if "peak_pss_anon" in r]
         rows.append({
-            "contender": name, "side": first["side"], "channels": channels,
-            "runs": sum("seconds" in r for r in group),
+            "workload": workload, "regime": regime, "contender": name, "side": first["side"],
+            "channels": channels, "runs": len(ok),
             "errors": [r["error"] for r in group if "error" in r],
             "median_seconds": median,
-            "gbps": image_bytes / median / 1e9 if median else None,
-            "reference": reference,
-            "vs_reference": median / base if median is not None and base else None,
+            "gbps": sizes[workload] / median / 1e9 if median else None,
+            "peer": first["peer"], "floor": first["floor"],
+            "vs_peer": _median([_ratio(timed, r, first["peer"]) for r in ok]),
+            "vs_floor": _median([_ratio(timed, r, first["floor"]) for r in ok]),
             "verified": all(verified) if verified else None,
             "peak_rss_anon": max(peaks) if peaks else None,
             "peak_pss_anon": max(pss_peaks) if pss_peaks else None,
+            "peak_page_tables": max((r.get("peak_page_tables", 0) for r in ok), default=None),
         })
     return rows
 
 
 def target_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each target at each channel count where both sides were measured,
-    plus the memory target for every channel count of a parallel-save save."""
+    """Each target at each workload and channel count where both sides
+    were measured, plus the memory target of every parallel-save save."""
     timed = _timed(records)
     rows = []
-    for target in TARGETS:
-        channel_counts = sorted({c for (_, name, c) in timed if name == target.numerator},
-                                key=lambda c: -1 if c is None else c)
-        for channels in channel_counts:
-            per_round = []
-            for round_ in sorted({r for (r, _, _) in timed}):
-                numerator = timed.get((round_, target.numerator, channels))
-                denominator = _lookup(timed, round_, target.denominator, channels)
-                if numerator is not None and denominator:
-                    per_round.append(numerator / denominator)
-            if per_round:
-                ratio = statistics.median(per_round)
-                rows.append({"target": target.label, "channels": channels, "value": ratio,
-                             "unit": "x", "limit": target.limit, "per_round": per_round,
+    workloads = list(dict.fromkeys(r["workload"] for r in records))
+    for workload in workloads:
+        for target in TARGETS:
+            per_channels: dict[int | None, list[float]] = {}
+            for record in timed.values():
+                if (record["workload"], record["regime"], record["contender"]) != (
+                        workload, target.regime, target.numerator):
+                    continue
+                ratio = _ratio(timed, record, target.denominator, target.per_byte)
+                if ratio is not None:
+                    per_channels.setdefault(record["channels"], []).append(ratio)
+            for channels in sorted(per_channels, key=lambda c: -1 if c is None else c):
+                ratio = statistics.median(per_channels[channels])
+                rows.append({"workload": workload, "target": target.label,
+                             "channels": channels, "value": ratio, "unit": "x",
+                             "limit": target.limit, "per_round": per_channels[channels],
                              "pass": ratio <= target.limit})
-    # Two readings of the memory target: RssAnon summed (counts the
-    # coordinator's pages that forked channels share once per process: an
-    # upper bound) and Pss_Anon summed (shares split: what the save costs).
-    for key, label in (("peak_rss_anon", "peak RssAnon (upper bound), coordinator + channels"),
-                       ("peak_pss_anon", "peak Pss_Anon, coordinator + channels")):
+        # Pss_Anon summed over coordinator and channels (shared pages split)
+        # plus their page tables (mapping the image costs those, and no Pss
+        # counts them): what a save costs beyond the image.
         peaks: dict[int, int] = {}
         for record in records:
-            if record["contender"].startswith("ps save") and key in record:
+            if (record["workload"] == workload and record["contender"].startswith("ps save")
+                    and "peak_pss_anon" in record):
                 channels = record["channels"]
-                peaks[channels] = max(peaks.get(channels, 0), record[key])
+                peak = record["peak_pss_anon"] + record.get("peak_page_tables", 0)
+                peaks[channels] = max(peaks.get(channels, 0), peak)
         for channels, peak in sorted(peaks.items()):
-            rows.append({"target": label, "channels": channels,
-                         "value": peak / MIB, "unit": "MiB", "limit": MEMORY_LIMIT / MIB,
-                         "pass": peak < MEMORY_LIMIT})
+            rows.append({"workload": workload, "target": MEMORY_TARGET,
+                         "channels": channels, "value": peak / MIB, "unit": "MiB",
+                         "limit": MEMORY_LIMIT / MIB, "pass": peak < MEMORY_LIMIT})
     return rows
 
 
@@ -137,18 +176,28 @@ def channels_text(channels: int | None) -> str:
     return "-" if channels is None else str(channels)
 
 
+def _vs(value: float | None, name: str | None) -> str:
+    return f"{value:.2f}x {name}" if value is not None else ""
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = (f"{'side':<8} {'contender':<26} {'ch':>3} {'median s':>9} {'GB/s':>7}  "
-              f"vs (ratio of medians)")
-    lines = [header]
+    """Per workload and regime: each contender's median, GB/s of image and
+    its ratios to its peer and its floor."""
+    lines = []
+    heading = None
     for row in rows:
+        if (row["workload"], row["regime"]) != heading:
+            heading = (row["workload"], row["regime"])
+            if lines:
+                lines.append("")
+            lines.append(f"== {row['workload']}, {row['regime']} ==")
+            lines.append(f"{'side':<8} {'contender':<20} {'ch':>3} {'median s':>9} "
+                         f"{'GB/s':>7}  {'vs peer':<26} vs floor")
         median = row["median_seconds"]
         if median is None:
-            lines.append(f"{row['side']:<8} {row['contender']:<26} "
+            lines.append(f"{row['side']:<8} {row['contender']:<20} "
                          f"{channels_text(row['channels']):>3}    failed: {row['errors'][0]}")
             continue
-        vs = (f"{row['vs_reference']:.3f}x {row['reference']}"
-              if row["vs_reference"] is not None else "")
         flags = []
         if row["verified"] is False:
             flags.append("WRONG BYTES")
@@ -156,23 +205,26 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             flags.append(f"{len(row['errors'])} failed")
         # A pass moves a fraction of the image: its image GB/s would mislead.
         gbps = "" if row["contender"].startswith("ps pass") else f"{row['gbps']:.2f}"
-        lines.append(f"{row['side']:<8} {row['contender']:<26} "
+        lines.append(f"{row['side']:<8} {row['contender']:<20} "
                      f"{channels_text(row['channels']):>3} {median:>9.3f} {gbps:>7}  "
-                     f"{vs}{'  ' + ', '.join(flags) if flags else ''}")
+                     f"{_vs(row['vs_peer'], row['peer']):<26} "
+                     f"{_vs(row['vs_floor'], row['floor'])}"
+                     f"{'  ' + ', '.join(flags) if flags else ''}".rstrip())
     return "\n".join(lines)
 
 
 def format_targets(rows: list[dict[str, Any]]) -> str:
     """One line per target: what was measured, then the verdict with the
     target it was held to (a ratio of medians, or a memory ceiling)."""
-    lines = [f"{'target':<42} {'ch':>3} {'value':>10}  result (target)"]
+    lines = [f"{'workload':<14} {'target':<42} {'ch':>3} {'value':>10}  result (target)"]
     for row in rows:
         if row["unit"] == "x":
             value, limit = f"{row['value']:.3f}x", f"ratio <= {row['limit']:g}x"
         else:
             value, limit = f"{row['value']:.0f} MiB", f"below {row['limit']:g} MiB"
         verdict = "PASS" if row["pass"] else "MISS"
-        lines.append(f"{row['target']:<42} {channels_text(row['channels']):>3} {value:>10}  "
+        lines.append(f"{row['workload']:<14} {row['target']:<42} "
+                     f"{channels_text(row['channels']):>3} {value:>10}  "
                      f"{verdict} (target: {limit})")
     return "\n".join(lines)
 
@@ -234,7 +286,8 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Throughput against channels, one line per contender; contenders
-    without a channel count are horizontal lines.  Save and restore panels."""
+    without a channel count (floors) are horizontal lines.  A row of panels
+    per workload: warm save, durable save, restore."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; also safe in a test worker
@@ -242,34 +295,39 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     # More series than the default ten colours: tab20's strong shades first.
     colours = plt.cm.tab20.colors[0::2] + plt.cm.tab20.colors[1::2]
-    sides = ("save", "restore")
-    figure, axes = plt.subplots(1, len(sides), figsize=(13, 5.5))
+    panels = (("save", "warm"), ("save", "durable"), ("restore", "warm"))
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    figure, axes = plt.subplots(len(workloads), len(panels), squeeze=False,
+                                figsize=(16, 4.5 * len(workloads)))
     channel_ticks = sorted({r["channels"] for r in rows if r["channels"] is not None})
-    for axis, side in zip(axes, sides):
-        lines: dict[str, list[tuple[int, float]]] = {}
-        for row in rows:
-            if row["side"] != side or row["gbps"] is None or row["contender"].startswith(
-                    "ps pass"):
-                continue
-            if row["channels"] is None:
-                axis.axhline(row["gbps"], linestyle="--", linewidth=1,
-                             color=colours[len(axis.lines) % 20], label=row["contender"])
-            else:
-                lines.setdefault(row["contender"], []).append((row["channels"], row["gbps"]))
-        for name, points in lines.items():
-            points.sort()
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                      color=colours[len(axis.lines) % 20], label=name)
-        if channel_ticks:
-            axis.set_xscale("log", base=2)
-            axis.set_xticks(channel_ticks, [str(c) for c in channel_ticks])
-        axis.set_title(side)
-        axis.set_xlabel("channels")
-        axis.set_ylabel("GB/s of image (median)")
-        axis.set_ylim(bottom=0)
-        axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=7, loc="best")
+    for line_axes, workload in zip(axes, workloads):
+        for axis, (side, regime) in zip(line_axes, panels):
+            lines: dict[str, list[tuple[int, float]]] = {}
+            for row in rows:
+                if (row["workload"], row["side"], row["regime"]) != (workload, side, regime) \
+                        or row["gbps"] is None or row["contender"].startswith("ps pass"):
+                    continue
+                if row["channels"] is None:
+                    axis.axhline(row["gbps"], linestyle="--", linewidth=1,
+                                 color=colours[len(axis.lines) % 20], label=row["contender"])
+                else:
+                    lines.setdefault(row["contender"], []).append(
+                        (row["channels"], row["gbps"]))
+            for name, points in lines.items():
+                points.sort()
+                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                          color=colours[len(axis.lines) % 20], label=name)
+            if channel_ticks:
+                axis.set_xscale("log", base=2)
+                axis.set_xticks(channel_ticks, [str(c) for c in channel_ticks])
+            axis.set_title(f"{workload}: {side}, {regime}", fontsize=9)
+            axis.set_xlabel("channels")
+            axis.set_ylabel("GB/s of image (median)")
+            axis.set_ylim(bottom=0)
+            axis.grid(True, alpha=0.3)
+            if axis.lines:
+                axis.legend(fontsize=7, loc="best")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)

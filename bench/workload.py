@@ -3,8 +3,20 @@ and an equal start for every run.
 
 The image is a /dev/shm file (tmpfs), so it is RAM that both a
 parallel-save channel and QEMU's ``memory-backend-file`` can map, and
-dropping the page cache never evicts it.  A chosen fraction of its pages is
-zero, the rest random bytes (no page zero by chance), at random places.
+dropping the page cache never evicts it.  Its layout is one of
+:data:`LAYOUTS`:
+
+- ``random``: a chosen fraction of the pages zero (half by default), at
+  random places, the rest random bytes: the worst case, runs of about two
+  pages, a write call per two pages;
+- ``dense``: no zero page at all: one long run per chunk;
+- ``guest``: laid out like the RAM of a booted guest: long runs of zero
+  pages (memory never touched) between runs of data pages (a lognormal of
+  run lengths, drawn from the seed), and data pages that often start with
+  zero words (page tables, sparse structures), so the zero check cannot
+  stop at the first word.
+
+No data page is zero by chance; the same seed gives the same bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +38,13 @@ DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 # Pages are generated this many at a time, so building a many-GiB image
 # never needs a second image's worth of private memory.
 _FILL_PAGES = 16384
+
+LAYOUTS = ("random", "dense", "guest")
+# Guest runs, in pages: zero runs are long (untouched memory), data runs
+# shorter; both lognormal, median and spread chosen so that about two
+# thirds of the pages are zero, as in a freshly booted 1-8 GiB Linux guest.
+_GUEST_ZERO_MEDIAN, _GUEST_DATA_MEDIAN, _GUEST_SIGMA = 96, 48, 1.6
+_GUEST_MAX_RUN = 1 << 16
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -62,9 +81,11 @@ def _mem_available() -> int:
 
 
 def shm_bytes_needed(size: int, zero_fraction: float) -> int:
-    """The image, the dd source (its non-zero bytes) and one restore
-    destination live in shared memory at the same time."""
-    return int(size * (2 + (1 - zero_fraction))) + (64 << 20)
+    """The image, the dd source (its non-zero bytes, unless the image has
+    no zero page: then the image itself) and one restore destination live
+    in shared memory at the same time."""
+    source = 0 if zero_fraction == 0 else size * (1 - zero_fraction)
+    return int(size * 2 + source) + (64 << 20)
 
 
 def check_room(size: int, zero_fraction: float) -> None:
@@ -85,7 +106,8 @@ class Workload:
     """The image and where everything goes; ``close`` removes all of it."""
 
     size: int
-    zero_fraction: float
+    zero_fraction: float  # asked for (random); measured, once built
+    layout: str
     shm_dir: Path      # image, dd source, restore destinations
     workdir: Path      # every file a contender writes
     image: Path
@@ -99,6 +121,10 @@ class Workload:
     @property
     def nonzero_bytes(self) -> int:
         return self.nonzero_pages * PAGE_SIZE
+
+    @property
+    def label(self) -> str:
+        return f"{self.layout} {size_text(self.size)}"
 
     def output(self, label: str) -> Path:
         """A path for one run's file, in the work directory, not yet existing."""
@@ -118,7 +144,7 @@ class Workload:
 
 
 def build(size: int, zero_fraction: float, workdir: str | os.PathLike | None,
-          seed: int = 0) -> Workload:
+          seed: int = 0, layout: str = "random") -> Workload:
     """Create the image in shared memory and the work directory on disk.
 
     ``workdir`` is the parent of a new directory that is removed by
@@ -127,37 +153,76 @@ def build(size: int, zero_fraction: float, workdir: str | os.PathLike | None,
     """
     if not 0.0 <= zero_fraction < 1.0:
         raise BenchError(f"the zero fraction must be in [0, 1), not {zero_fraction}")
-    check_room(size, zero_fraction)
+    if layout not in LAYOUTS:
+        raise BenchError(f"unknown workload {layout!r} (one of {', '.join(LAYOUTS)})")
+    check_room(size, 0.0 if layout == "dense" else zero_fraction)
     parent = Path(workdir) if workdir is not None else Path("/var/tmp")
     parent.mkdir(parents=True, exist_ok=True)
     shm_dir = SHM_DIR / f"parallel-save-bench-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     shm_dir.mkdir()
     work = Path(tempfile.mkdtemp(prefix="parallel-save-bench-", dir=parent))
-    workload = Workload(size, zero_fraction, shm_dir, work, shm_dir / "image.ram",
+    workload = Workload(size, zero_fraction, layout, shm_dir, work, shm_dir / "image.ram",
                         shm_dir / "nonzero.ram", 0)
     try:
-        workload.nonzero_pages = _fill(workload, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        zero = zero_pages(layout, workload.pages, zero_fraction, rng)
+        workload.nonzero_pages = _fill(workload, zero, rng, sparse_data=layout == "guest")
+        workload.zero_fraction = 1 - workload.nonzero_pages / workload.pages
     except BaseException:
         workload.close()
         raise
     return workload
 
 
-def _fill(workload: Workload, rng: np.random.Generator) -> int:
+def zero_pages(layout: str, pages: int, zero_fraction: float,
+               rng: np.random.Generator) -> np.ndarray:
+    """Which pages of the image are zero (bool per page), for a layout."""
+    if layout == "dense":
+        return np.zeros(pages, dtype=bool)
+    if layout == "random":
+        return rng.random(pages) < zero_fraction
+    # guest: alternating runs, zero first (low memory is mostly free early on)
+    zero = np.zeros(pages, dtype=bool)
+    position = 0
+    while position < pages:
+        zero_runs, data_runs = (
+            np.clip(rng.lognormal(np.log(median), _GUEST_SIGMA, 4096), 1, _GUEST_MAX_RUN
+                    ).astype(np.int64)
+            for median in (_GUEST_ZERO_MEDIAN, _GUEST_DATA_MEDIAN))
+        for zero_run, data_run in zip(zero_runs.tolist(), data_runs.tolist()):
+            if position >= pages:
+                break
+            zero[position:position + zero_run] = True
+            position += zero_run + data_run
+    return zero
+
+
+def _fill(workload: Workload, zero: np.ndarray, rng: np.random.Generator,
+          sparse_data: bool) -> int:
     """Write the image and, beside it, its non-zero pages back to back (the
-    bytes ``dd`` copies for the ceiling); returns how many pages are non-zero."""
+    bytes ``dd`` copies for the disk floors); returns how many pages are
+    non-zero.  With ``sparse_data`` a third of the data pages start with
+    1-3 KiB of zero words."""
     words = PAGE_SIZE // 8
     nonzero_pages = 0
-    with open(workload.image, "wb") as image, open(workload.nonzero_source, "wb") as nonzero:
+    dense = not zero.any()
+    if dense:
+        workload.nonzero_source = workload.image  # no second copy of a dense image
+    with open(workload.image, "wb") as image, \
+            open(os.devnull if dense else workload.nonzero_source, "wb") as nonzero:
         for first in range(0, workload.pages, _FILL_PAGES):
             count = min(_FILL_PAGES, workload.pages - first)
             pages = rng.integers(0, 2**64, size=(count, words), dtype=np.uint64)
-            pages[:, 0] |= 1  # no page is zero by chance
-            zero = rng.random(count) < workload.zero_fraction
-            pages[zero] = 0
+            pages[:, -1] |= 1  # no page is zero by chance
+            if sparse_data:
+                leading = rng.integers(0, 3, count) * rng.integers(128, 384, count)
+                pages[np.arange(words) < leading[:, None]] = 0
+            here = zero[first:first + count]
+            pages[here] = 0
             image.write(pages.data)
-            nonzero.write(pages[~zero].data)
-            nonzero_pages += count - int(zero.sum())
+            if not dense:
+                nonzero.write(pages[~here].data)
+            nonzero_pages += count - int(here.sum())
     return nonzero_pages
 
 

@@ -46,13 +46,13 @@ from .format import PAGE_SIZE
 from .image import Image, open_image
 from .outfiles import Destinations, plan_outdir, plan_paths
 from .restorer import restore, unmatched_blocks
-from .saver import MAX_CHANNELS, save
+from .saver import MAX_CHANNELS, default_channels, save
 from .signals import terminate_cleanly
 from .stats import read_status
 from .verify import LISTED_PAGES, describe_image, verify_image
 
 PROG = "parallel-save"
-DEFAULT_CHANNELS = 4
+DEFAULT_CHANNELS = default_channels()  # one per CPU, at most 8
 # The demo's blocks live here: shared memory any channel can map.
 SHM_DIR = "/dev/shm"
 

@@ -19,7 +19,9 @@ once, at the start).
 Replacing an older image frees it when its last link goes, which on some
 file systems takes longer than the save (ext4 with discard): the old file
 is held open across the rename and let go in a background thread, off the
-caller's critical path.
+caller's critical path.  The rename is an exchange of the two names where
+the system can (then the old name is unlinked): ext4 makes a rename over
+an existing file write the new file out first.
 """
 
 from __future__ import annotations
@@ -40,6 +42,28 @@ from .files import file_kind
 from .format import StreamLayout, decode_stream, encode_setup
 
 DEFAULT_MODE = 0o600
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(dir_fd: int, first: str, second: str) -> bool:
+    """Swap two names of a directory in one step (renameat2 with
+    RENAME_EXCHANGE); False where the C library, kernel or file system
+    cannot, or ``second`` is gone."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        return False
+    if renameat2(dir_fd, os.fsencode(first), dir_fd, os.fsencode(second),
+                 _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT):
+        return False
+    raise OSError(error, os.strerror(error), second)
 
 
 def _free_later(fd: int) -> None:
@@ -211,7 +235,19 @@ class ImageFile:
         except OSError:
             pass  # none, or not one we may open: then it is freed in the rename
         try:
-            os.rename(temporary, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            if old is not None and _exchange(self.dir_fd, temporary, self.name):
+                # Renamed over another file, ext4 writes the new one out
+                # first (auto_da_alloc: half a second a GiB, in the caller's
+                # time, sync or not).  Exchanged, the older image takes the
+                # hidden name instead, and goes with its unlink (its blocks
+                # are freed when ``old`` is let go).
+                try:
+                    os.unlink(temporary, dir_fd=self.dir_fd)
+                except OSError:
+                    pass  # a hidden leftover, for clean; the image is in place
+            else:
+                os.rename(temporary, self.name, src_dir_fd=self.dir_fd,
+                          dst_dir_fd=self.dir_fd)
         except OSError as error:
             if old is not None:
                 os.close(old)

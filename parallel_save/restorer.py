@@ -43,13 +43,15 @@ def unmatched_blocks(image_blocks: Iterable[str], destinations: Iterable[str]
             [n for n in destinations if n not in image_blocks])
 
 
-def restore(path: str | os.PathLike | Image, into: Destination, channels: int = 4, *,
-            start: int | None = None, direct_io: bool = False, assume_zero: bool = False,
+def restore(path: str | os.PathLike | Image, into: Destination,
+            channels: int | None = None, *, start: int | None = None,
+            direct_io: bool = False, assume_zero: bool = False,
             start_method: str | None = None,
             on_progress: ProgressCallback | None = None) -> RestoreStats:
     """Load the image at ``path`` (or an open :class:`Image`: the file
     checked is the file read) into ``into`` (``{name: buffer}`` or a list
-    of :class:`RamBlock`), with ``channels`` reader processes.
+    of :class:`RamBlock`), with ``channels`` reader processes (None: one
+    per CPU, at most 8).
 
     Every block of the image must have a destination of exactly its length,
     and no destination may be left over: a mismatch is refused before any

@@ -12,14 +12,24 @@ from pathlib import Path
 
 import pytest
 
-from bench.__main__ import main
+from bench.__main__ import main, parse_args
 from bench.qemu import qemu_supports_mapped_ram
-from bench.report import TARGETS
+from bench.report import MEMORY_TARGET, TARGETS
 
 CHANNELS = 2
-PS_CONTENDERS = {"ps save", "ps save direct", "ps pass 1%", "ps pass 10%", "ps pass 50%",
-                 "dd", "numpy tofile", "ps restore", "dd read"}
-QEMU_CONTENDERS = {"qemu multifd", "qemu multifd direct", "qemu load multifd"}
+WORKLOADS = ("random", "dense", "guest")
+# (regime, side, contender): what --quick --no-qemu runs at CHANNELS (or
+# without a channel count: the floors).
+PS_CONTENDERS = {("warm", "save", "ps save"), ("durable", "save", "ps save"),
+                 ("warm", "save", "ps save over"), ("durable", "save", "ps save over"),
+                 ("durable", "save", "ps save direct"), ("warm", "restore", "ps restore")}
+FLOORS = {("warm", "save", "one writer"), ("warm", "save", "dd"), ("warm", "save", "memcpy"),
+          ("durable", "save", "one writer"), ("durable", "save", "dd fdatasync"),
+          ("durable", "save", "dd direct"), ("warm", "restore", "one reader"),
+          ("warm", "restore", "dd read")}
+QEMU_CONTENDERS = {("warm", "save", "qemu multifd"), ("durable", "save", "qemu multifd"),
+                   ("durable", "save", "qemu multifd direct"),
+                   ("warm", "restore", "qemu load multifd")}
 
 needs_qemu = pytest.mark.skipif(
     not qemu_supports_mapped_ram() and os.environ.get("PARALLEL_SAVE_REQUIRE_QEMU") != "1",
@@ -28,31 +38,34 @@ needs_qemu = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory) -> dict:
-    """``python -m bench --quick`` on an 8 MiB image, run once for the module."""
+    """``python -m bench --quick`` on 8 MiB images, run once for the module."""
     outdir = tmp_path_factory.mktemp("bench-results")
     workdir = tmp_path_factory.mktemp("bench-work")
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--size", "8M", "--channels", str(CHANNELS),
          "--outdir", str(outdir), "--workdir", str(workdir)],
-        capture_output=True, text=True, timeout=300, check=False)
+        capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr
     (json_path,) = outdir.glob("*.json")
     return {"stdout": done.stdout, "document": json.loads(json_path.read_text()),
             "png": json_path.with_suffix(".png"), "workdir": workdir}
 
 
-def _measured(bench_run: dict) -> set[str]:
-    return {r["contender"] for r in bench_run["document"]["runs"] if "seconds" in r}
+def _measured(bench_run: dict, layout: str) -> set[tuple[str, str, str]]:
+    return {(r["regime"], r["side"], r["contender"]) for r in bench_run["document"]["runs"]
+            if "seconds" in r and r["layout"] == layout}
 
 
-def test_json_has_a_timed_run_of_every_parallel_save_dd_and_numpy_contender(bench_run):
-    assert PS_CONTENDERS <= _measured(bench_run)
+@pytest.mark.parametrize("layout", WORKLOADS)
+def test_json_has_a_timed_run_of_every_parallel_save_contender_and_floor(bench_run, layout):
+    assert PS_CONTENDERS | FLOORS <= _measured(bench_run, layout)
 
 
 @pytest.mark.qemu
 @needs_qemu
-def test_json_has_a_timed_run_of_every_qemu_contender(bench_run):
-    assert QEMU_CONTENDERS <= _measured(bench_run)
+@pytest.mark.parametrize("layout", WORKLOADS)
+def test_json_has_a_timed_run_of_every_qemu_contender(bench_run, layout):
+    assert QEMU_CONTENDERS <= _measured(bench_run, layout)
 
 
 def test_no_run_failed(bench_run):
@@ -64,7 +77,24 @@ def test_no_run_failed(bench_run):
 def test_restored_bytes_equal_the_image(bench_run):
     restores = [r for r in bench_run["document"]["runs"]
                 if r["side"] == "restore" and r["contender"] != "dd read"]
-    assert restores and all(r["verified"] for r in restores)
+    assert {r["layout"] for r in restores} == set(WORKLOADS)
+    assert all(r["verified"] for r in restores)
+
+
+def test_workloads_have_their_layout(bench_run):
+    images = {image["layout"]: image for image in bench_run["document"]["images"].values()}
+    assert images["dense"]["nonzero_pages"] == images["dense"]["pages"] == 2048
+    assert 0.45 < images["random"]["zero_fraction"] < 0.55
+    assert 0.0 < images["guest"]["zero_fraction"] < 1.0  # runs too long to converge at 8 MiB
+
+
+def test_every_parallel_save_row_has_a_ratio_to_its_floor(bench_run):
+    rows = [r for r in bench_run["document"]["summary"] if r["contender"].startswith("ps ")]
+    assert rows and all(r["vs_floor"] is not None and r["vs_floor"] > 0 for r in rows)
+    floors = {(r["regime"], r["contender"], r["floor"]) for r in rows}
+    assert ("warm", "ps save", "one writer") in floors
+    assert ("durable", "ps save direct", "dd direct") in floors
+    assert ("warm", "ps restore", "one reader") in floors
 
 
 def test_json_records_the_machine(bench_run):
@@ -74,38 +104,44 @@ def test_json_records_the_machine(bench_run):
     assert {"kernel", "qemu", "python", "numpy", "memory_bytes"} <= set(machine)
 
 
-def _table_rows(stdout: str) -> set[tuple[str, str, str]]:
-    """(side, contender, channels) of each row of the results table (fixed
-    columns: the contender's name holds spaces)."""
+def _table_rows(stdout: str) -> set[tuple[str, str, str, str, str]]:
+    """(workload, regime, side, contender, channels) of each row of the
+    results tables (fixed columns: the contender's name holds spaces)."""
     rows = set()
+    heading = None
     for line in stdout.splitlines():
-        if line.startswith(("save ", "restore ")):
-            rows.add((line[:8].strip(), line[9:35].strip(), line[36:39].strip()))
+        found = re.fullmatch(r"== (.+), (warm|durable) ==", line)
+        if found:
+            heading = found.groups()
+        elif line.startswith(("save ", "restore ")):
+            rows.add((*heading, line[:8].strip(), line[9:29].strip(), line[30:33].strip()))
     return rows
 
 
-def test_table_has_a_row_per_contender_and_channel_count(bench_run):
-    expected = {("restore" if name in {"ps restore", "dd read"} else "save", name,
-                 "-" if name in {"dd", "numpy tofile", "dd read"} else str(CHANNELS))
-                for name in PS_CONTENDERS}
+@pytest.mark.parametrize("layout", WORKLOADS)
+def test_table_has_a_row_per_contender_and_channel_count(bench_run, layout):
+    expected = {(f"{layout} 8 MiB", regime, side, name, str(CHANNELS))
+                for regime, side, name in PS_CONTENDERS}
+    expected |= {(f"{layout} 8 MiB", regime, side, name, "-") for regime, side, name in FLOORS}
     assert expected <= _table_rows(bench_run["stdout"])
 
 
 def test_targets_are_printed_with_a_verdict(bench_run):
-    expected = [t.label for t in TARGETS if t.denominator in PS_CONTENDERS | {"ps save"}]
-    expected += ["peak RssAnon (upper bound), coordinator + channels",
-                 "peak Pss_Anon, coordinator + channels"]
     verdicts = [line for line in bench_run["stdout"].splitlines()
                 if re.search(r"  (PASS|MISS) \(target: (ratio <= [0-9.]+x|below [0-9]+ MiB)\)$",
                              line)]
-    for label in expected:
-        assert any(line.startswith(label) for line in verdicts), label
+    labels = [t.label for t in TARGETS if not t.denominator.startswith("qemu")]
+    labels.append(MEMORY_TARGET)
+    for layout in WORKLOADS:
+        for label in labels:
+            assert any(line.startswith(f"{layout} 8 MiB") and label in line
+                       for line in verdicts), (layout, label)
 
 
 def test_the_page_cache_is_kept_unless_asked(bench_run):
     assert bench_run["document"]["config"]["drop_caches"] is False
-    assert "note: before every run: sync, then the page cache is kept (no --drop-caches)" in (
-        bench_run["stdout"].splitlines())
+    assert ("note: before every run: sync; the page cache is kept (no --drop-caches): "
+            "the durable regime ran with a warm cache") in bench_run["stdout"].splitlines()
 
 
 def test_png_plot_is_written(bench_run):
@@ -113,20 +149,36 @@ def test_png_plot_is_written(bench_run):
 
 
 def test_image_and_written_files_are_removed_afterwards(bench_run):
-    config = bench_run["document"]["config"]
-    assert not Path(config["image_path"]).exists()
+    for image in bench_run["document"]["images"].values():
+        assert not Path(image["image_path"]).exists()
     assert list(bench_run["workdir"].iterdir()) == []
 
 
 def test_list_prints_the_contenders_without_running_them(capsys):
     assert main(["--list", "--no-qemu", "--channels", "3", "--only", "ps save*"]) == 0
     lines = [line.split() for line in capsys.readouterr().out.splitlines()]
-    assert lines == [["save", "ps", "save", "3"], ["save", "ps", "save", "sync", "3"],
-                     ["save", "ps", "save", "direct", "3"],
-                     ["save", "ps", "save", "direct", "sync", "3"]]
+    assert lines == [["save", "warm", "ps", "save", "3"],
+                     ["save", "warm", "ps", "save", "over", "3"],
+                     ["save", "durable", "ps", "save", "3"],
+                     ["save", "durable", "ps", "save", "over", "3"],
+                     ["save", "durable", "ps", "save", "direct", "3"]]
+
+
+def test_the_matrix_is_the_issues_sizes_and_channel_counts(capsys):
+    assert main(["--list", "--no-qemu", "--matrix", "--regimes", "warm",
+                 "--only", "ps save"]) == 0
+    assert [line.split()[-1] for line in capsys.readouterr().out.splitlines()] == [
+        "1", "2", "4", "8"]
+    assert parse_args(["--matrix"]).sizes == [1 << 30, 4 << 30, 8 << 30]
 
 
 def test_a_size_that_is_not_whole_pages_is_refused(capsys):
     assert main(["--size", "3000"]) == 2
     assert capsys.readouterr().err == (
         "bench: the size must be a positive multiple of 4096 bytes, not 3000\n")
+
+
+def test_an_unknown_workload_is_refused(capsys):
+    assert main(["--workloads", "random,sparse"]) == 2
+    assert capsys.readouterr().err == (
+        "bench: --workloads takes some of random, dense, guest, not 'sparse'\n")

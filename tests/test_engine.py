@@ -93,6 +93,26 @@ def test_round_trip_is_exact_after_random_passes(shm, tmp_path, channels):
     assert_restores_exactly(path, blocks, shm, channels=9 - channels)
 
 
+@pytest.mark.parametrize("late_pages", [3, 200])
+def test_pages_whose_first_words_are_zero_are_saved(shm, tmp_path, late_pages):
+    """The zero check reads a page's first word, then in full only the pages
+    where it is zero: a page whose only non-zero byte is its last must be
+    saved, whether such pages are few in a step (gathered) or many (the
+    whole step read)."""
+    block = shm.block("ram0", 4096, fill="garbage", seed=5)  # every byte non-zero
+    pages = block.array.reshape(-1, PAGE_SIZE)
+    rng = np.random.default_rng(late_pages)
+    late = rng.choice(4096, size=late_pages * 16, replace=False)
+    pages[late] = 0
+    pages[late, -1] = 9
+    zero = rng.choice(np.setdiff1d(np.arange(4096), late), size=100, replace=False)
+    pages[zero] = 0
+    path = tmp_path / "vm.img"
+    stats = ps.save(path, [block], channels=2)
+    assert (stats.pages_written, stats.zero_pages) == (4096 - 100, 100)
+    assert_restores_exactly(path, [block], shm, channels=2)
+
+
 @pytest.mark.parametrize("channels", [1, 3, 8])
 def test_round_trip_is_exact_with_direct_io(shm, tmp_path, channels):
     blocks = make_blocks(shm, seed=10 + channels)

@@ -167,6 +167,45 @@ def test_a_file_swapped_in_at_the_rename_is_detected(shm, tmp_path, monkeypatch)
         ps.save(path, [block], channels=1)
 
 
+def test_a_save_over_an_image_takes_only_its_name(shm, tmp_path):
+    """The new image takes the old one's name (exchanged, then the old name
+    unlinked): another link to the old image keeps it, byte for byte, and
+    nothing else is left in the directory."""
+    path, other = tmp_path / "vm.img", tmp_path / "kept.img"
+    old_block, new_block = shm.block("ram0", 256, fill=0.5, seed=1), \
+        shm.block("ram0", 256, fill=0.5, seed=2)
+    ps.save(path, [old_block], channels=2)
+    os.link(path, other)
+    old_bytes = other.read_bytes()
+    ps.save(path, [new_block], channels=2, sync=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.img", "vm.img"]
+    assert other.read_bytes() == old_bytes
+    assert os.stat(path).st_ino != os.stat(other).st_ino
+    target = shm.block("ram0", 256)
+    ps.restore(path, [target], channels=2)
+    assert np.array_equal(target.array, new_block.array)
+
+
+def test_a_file_swapped_in_at_the_exchange_is_detected(shm, tmp_path, monkeypatch):
+    from parallel_save import imagefile
+
+    path = tmp_path / "vm.img"
+    block = shm.block("ram0", 64, fill=0.5)
+    ps.save(path, [block], channels=1)
+    real_exchange = imagefile._exchange
+
+    def exchange_then_swap(dir_fd, first, second):
+        done = real_exchange(dir_fd, first, second)
+        (tmp_path / "evil").write_bytes(b"attacker's")
+        os.rename(tmp_path / "evil", path)  # another process, right after
+        return done
+
+    monkeypatch.setattr(imagefile, "_exchange", exchange_then_swap)
+    with pytest.raises(ps.DestinationError, match=f"{path}: another process replaced the "
+                                                  f"image while it was being put in place"):
+        ps.save(path, [block], channels=1)
+
+
 # --- symbolic links and special files ---
 
 
@@ -327,6 +366,31 @@ def test_saving_a_sparse_source_does_not_allocate_its_holes(shm, tmp_path):
         assert allocated(target) <= 64 * 1024
         # Read with read(2), which does not allocate holes (a read through a
         # shared mapping of tmpfs would).
+        assert np.array_equal(np.fromfile(target, np.uint8), np.fromfile(path, np.uint8))
+
+
+def test_holes_between_windows_are_found_and_data_across_them_saved(shm, tmp_path):
+    """A channel remembers how far SEEK_HOLE found data, window to window:
+    data that runs across a window's end, a hole after it and data in a
+    later window are each saved, and the holes stay unallocated."""
+    pages = 3 * 8192  # three windows of 32 MiB
+    path = shm.path()
+    with open(path, "wb") as file:
+        file.truncate(pages * PAGE_SIZE)
+    with ps.RamBlock.from_file("ram0", path) as block:
+        data = [(8000, 8400), (20000, 20010)]
+        for start, end in data:
+            block.array[start * PAGE_SIZE:end * PAGE_SIZE] = 3
+        written = sum(end - start for start, end in data)
+        for channels in (1, 3):
+            stats = ps.save(tmp_path / "vm.img", [block], channels=channels)
+            assert (stats.pages_written, stats.zero_pages) == (written, pages - written)
+            assert allocated(path) <= written * PAGE_SIZE + 64 * 1024
+        target = shm.path()
+        with open(target, "wb") as file:
+            file.truncate(pages * PAGE_SIZE)
+        with ps.RamBlock.from_file("ram0", target) as copy:
+            ps.restore(tmp_path / "vm.img", [copy], channels=2)
         assert np.array_equal(np.fromfile(target, np.uint8), np.fromfile(path, np.uint8))
 
 

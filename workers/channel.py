@@ -56,7 +56,6 @@ from ..control import (
     ChannelPlan,
     ControlSegment,
 )
-from ..files import hole_runs
 from ..format import PAGE_SIZE, bit_runs
 from ..tracking.hashing import PageHasher
 
@@ -101,6 +100,8 @@ MAX_SPAN_PAGES = 2048
 MAX_POPULATE_RUNS = 64
 # Zero detection reduces up to this many runs of a window in place.
 MAX_SLICED_RUNS = 16
+# ... and writes them a step at a time, while the step is in the cache.
+STEP_PAGES = 256
 # With the hash tracker, windows of 4 MiB: each is copied to private
 # memory, and hashing dwarfs the per-window numpy calls anyway.
 HASH_WINDOW_PAGES = 2 * CHUNK_PAGES
@@ -116,12 +117,27 @@ def nonzero_pages(words: np.ndarray, pages: np.ndarray,
     runs, a sparse pass, are gathered first, and only the pages whose first
     word is zero are then read in full."""
     if len(runs[0]) <= MAX_SLICED_RUNS:
-        return np.concatenate([words[start:end].max(axis=1) != 0
-                               for start, end in zip(*runs)] or [np.zeros(0, bool)])
+        return np.concatenate([step_nonzero(words[start:end]) for start, end in zip(*runs)]
+                              or [np.zeros(0, bool)])
     found = words[pages, 0] != 0
     maybe_zero = np.flatnonzero(~found)
     if maybe_zero.size:
         found[maybe_zero] = words[pages[maybe_zero]].max(axis=1) != 0
+    return found
+
+
+def step_nonzero(words: np.ndarray) -> np.ndarray:
+    """Which pages of a step (rows of ``words``) are non-zero.  A page whose
+    first word is not zero is not zero: that check reads one cache line a
+    page, and suffices for most data pages.  The other pages are read in
+    full: gathered when they are few, else the whole step is reduced (a
+    gather of most of a step costs more than reading all of it)."""
+    found = words[:, 0] != 0
+    maybe_zero = np.flatnonzero(~found)
+    if maybe_zero.size * 4 > found.size:
+        return words.max(axis=1) != 0
+    if maybe_zero.size:
+        found[maybe_zero] = words[maybe_zero].max(axis=1) != 0
     return found
 
 
@@ -260,21 +276,41 @@ class Channel:
         fd, source = self.blocks[block].fd, self.plan.sources[block]
         low = source.offset + first * PAGE_SIZE
         high = source.offset + end * PAGE_SIZE
-        size = os.fstat(fd).st_size
+        status = os.fstat(fd)
+        size = status.st_size
         if size < high:
             # Beyond the end of the file is no hole: reading it is SIGBUS.
             raise OSError(errno.EFAULT, f"the block's file was cut short under the save "
                           f"({size} bytes, its pages need {source.offset + source.length})",
                           source.path)
+        if status.st_blocks * 512 >= status.st_size:
+            # Every byte allocated: no holes to look for.  Cheap, and the
+            # common case: SEEK_HOLE in a file without holes walks the whole
+            # rest of the file (tmpfs), once per window.
+            return None
+        if high <= self._data_end.get(block, 0):
+            return None  # an earlier window's SEEK_HOLE found data past here
         holes = None
+        position = max(low, self._data_end.get(block, 0))
         try:
-            for hole_first, hole_end in hole_runs(fd, low, high):
-                pages_first = -(-(hole_first - low) // PAGE_SIZE)
-                pages_end = (hole_end - low) // PAGE_SIZE
-                if pages_end > pages_first:
-                    if holes is None:
-                        holes = np.zeros(end - first, dtype=bool)
-                    holes[pages_first:pages_end] = True
+            while position < high:
+                try:
+                    data = os.lseek(fd, position, os.SEEK_DATA)
+                except OSError as error:
+                    if error.errno != errno.ENXIO:
+                        raise
+                    data = high  # nothing but hole up to the end of the file
+                if data > position:
+                    hole_first = -(-(position - low) // PAGE_SIZE)
+                    hole_end = (min(data, high) - low) // PAGE_SIZE
+                    if hole_end > hole_first:
+                        if holes is None:
+                            holes = np.zeros(end - first, dtype=bool)
+                        holes[hole_first:hole_end] = True
+                if data >= high:
+                    break
+                position = os.lseek(fd, data, os.SEEK_HOLE)
+                self._data_end[block] = position
         except OSError:
             self.can_seek_holes = False
             return None
@@ -283,6 +319,10 @@ class Channel:
     # --- save ---
 
     def save(self, chunks: np.ndarray) -> None:
+        # Per block, how far the file is known to hold data (no holes): a
+        # channel's windows come in ascending order, so each part of the
+        # file is searched for holes once per pass.
+        self._data_end: dict[int, int] = {}
         for block, first, end, own in self._windows(chunks):
             started = time.perf_counter_ns()
             dirty = self._unpack(self.control.pass_bitmap, block, first, end) & own
@@ -301,30 +341,58 @@ class Channel:
                 unchanged = dirty_pages.size - changed.size
                 all_dirty = dirty_pages = changed
                 dirty_runs = page_runs(changed)
-            written = dirty_pages[nonzero_pages(words, dirty_pages, dirty_runs)]
+            base = self.plan.pages_offsets[block] + first * PAGE_SIZE
+            if (self.hasher is None and not self.plan.direct_io
+                    and len(dirty_runs[0]) <= MAX_SLICED_RUNS):
+                written, nbytes, calls = self._write_nonzero(words, dirty_runs, base)
+            else:
+                written = dirty_pages[nonzero_pages(words, dirty_pages, dirty_runs)]
+                if self.plan.direct_io:
+                    spans = direct_io_spans(dirty_runs, written)
+                else:
+                    spans = page_runs(written)
+                starts, ends = split_spans(*spans)
+                nbytes = self._spans_io(os.pwrite, "writing", words, starts.tolist(),
+                                        ends.tolist(), base)
+                calls = starts.size
             # This channel always handles these chunks, so its bits here are
             # the latest: written pages set, dirty pages found zero cleared.
             present = self._unpack(self.file_bits, block, first, end) & ~dirty
             present[written] = True
             self._bits(self.file_bits, block, first, end)[:] = np.packbits(
                 present, bitorder="little")
-            if self.plan.direct_io:
-                spans = direct_io_spans(dirty_runs, written)
-            else:
-                spans = page_runs(written)
-            starts, ends = split_spans(*spans)
-            nbytes = self._spans_io(os.pwrite, "writing", words, starts.tolist(),
-                                    ends.tolist(),
-                                    self.plan.pages_offsets[block] + first * PAGE_SIZE)
             row = self.counters
             row[PAGES_WRITTEN] += written.size
             row[ZERO_PAGES] += all_dirty.size - written.size
             row[BYTES_WRITTEN] += nbytes
-            row[WRITE_CALLS] += starts.size
+            row[WRITE_CALLS] += calls
             row[UNCHANGED_PAGES] += unchanged
             row[PAGES_DONE] += all_dirty.size + unchanged
             row[SHARDS_DONE] += 1
             row[BUSY_NS] += time.perf_counter_ns() - started
+
+    def _write_nonzero(self, words: np.ndarray, runs: tuple[np.ndarray, np.ndarray],
+                       base: int) -> tuple[np.ndarray, int, int]:
+        """Zero detection and write in one step per STEP_PAGES of each of a
+        few long runs: the pwrite copies pages the check just brought into
+        the core's cache, instead of reading the window from memory a second
+        time.  Returns the pages written, the bytes and the calls."""
+        step = STEP_PAGES
+        found = []
+        nbytes = calls = 0
+        for run_start, run_end in zip(runs[0].tolist(), runs[1].tolist()):
+            for start in range(run_start, run_end, step):
+                end = min(start + step, run_end)
+                pages = start + np.flatnonzero(step_nonzero(words[start:end]))
+                if not pages.size:
+                    continue
+                starts, ends = page_runs(pages)
+                nbytes += self._spans_io(os.pwrite, "writing", words, starts.tolist(),
+                                         ends.tolist(), base)
+                calls += starts.size
+                found.append(pages)
+        written = np.concatenate(found) if found else np.zeros(0, np.int64)
+        return written, nbytes, calls
 
     def _changed_pages(self, block: int, first: int, words: np.ndarray, dirty_pages: np.ndarray,
                        dirty_runs: tuple[np.ndarray, np.ndarray]
