@@ -149,7 +149,7 @@ def latest_checkpoint(directory: str | os.PathLike) -> tuple[str, int]:
     return path, generation
 
 
-def restore_latest(directory: str | os.PathLike, into: Any, channels: int = 4,
+def restore_latest(directory: str | os.PathLike, into: Any, channels: int | None = None,
                    **options: Any) -> tuple[str, RestoreStats]:
     """Restore the newest complete checkpoint of ``directory`` into
     ``into`` (as :func:`restore`); returns the image it chose and the stats.
@@ -199,7 +199,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, blocks: Sequence[RamBlock],
-                 channels: int = 4, *, machine: str = "none",
+                 channels: int | None = None, *, machine: str = "none",
                  tracker: DirtyTracker | str | None = None, sync: bool = True,
                  direct_io: bool = False, mode: int | None = None,
                  start_method: str | None = None, snapshot: bool = False) -> None:
