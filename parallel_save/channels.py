@@ -112,7 +112,7 @@ def choose_start_method(start_method: str | None) -> str:
             "fork" if threading.active_count() == 1 else "spawn")
     if start_method not in START_METHODS:
         raise OptionError(f"start_method must be one of {START_METHODS}, "
-                         f"not {start_method!r}")
+                          f"not {start_method!r}")
     return start_method
 
 
@@ -437,7 +437,7 @@ class ChannelGroup:
                 bits = np.zeros(0, dtype=np.uint8)
             if bits.size > target.size:
                 raise OptionError(f"block {index}: {bits.size} bitmap bytes, "
-                                 f"expected at most {target.size}")
+                                  f"expected at most {target.size}")
             for at in range(0, target.size, BITMAP_STEP):
                 new = bits[at:at + BITMAP_STEP]
                 old = target[at:at + BITMAP_STEP]

@@ -12,8 +12,8 @@
 Every user mistake ends in one line on stderr, ``parallel-save: error: ...``,
 with exit status 2 for a bad command line and 1 for a failure; ``--debug``
 adds the traceback.  Ctrl-C ends with status 130, SIGTERM and SIGHUP with
-128 + the signal; the Saver has stopped its channels and dealt with its
-partial file by then.
+128 + the signal; the Saver has stopped its channels and dealt with the
+file it was writing by then.
 """
 
 from __future__ import annotations

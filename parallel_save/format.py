@@ -235,7 +235,7 @@ def plan_layout(blocks: Iterable[tuple[str, int]], machine: str = "none", *,
     machine_raw = machine.encode("utf-8") if isinstance(machine, str) else b""
     if not machine_raw or len(machine_raw) > MAX_MACHINE_NAME:
         raise OptionError(f"machine type {machine!r} must be 1 to "
-                         f"{MAX_MACHINE_NAME} bytes")
+                          f"{MAX_MACHINE_NAME} bytes")
     if MAPPED_RAM not in capabilities:
         raise OptionError("the capabilities must include mapped-ram")
     blocks = list(blocks)

@@ -68,7 +68,7 @@ def check_channels(channels: int | None) -> int:
     if not isinstance(channels, int) or isinstance(channels, bool) \
             or not 1 <= channels <= MAX_CHANNELS:
         raise OptionError(f"channels must be an integer from 1 to {MAX_CHANNELS}, "
-                         f"not {channels!r}")
+                          f"not {channels!r}")
     return channels
 
 
@@ -166,8 +166,8 @@ class Saver:
     as given: a symbolic link or a special file there is refused unless
     ``follow_symlinks``.  The image is created with ``mode`` (default 0600:
     it holds memory), or the mode and owner of the image it replaces.
-    ``start_method`` ("fork", "forkserver", "spawn") says how channels are
-    started; by default fork, or forkserver once the process has threads.
+    ``start_method`` ("fork" or "spawn") says how channels are started; by
+    default fork, or spawn (new interpreters) once the process has threads.
 
     Every failure raises a :class:`ParallelSaveError`: :class:`ChannelError`
     when a channel raised (the cause names the file and the error, such as
@@ -180,7 +180,7 @@ class Saver:
     usable).  Any other failure leaves the saver ``failed``: only ``close``
     (or leaving the ``with`` block) remains.  Ctrl-C stops a save the same
     way; SIGTERM does too under :func:`parallel_save.signals.terminate_cleanly`
-    (without it, Python dies at once and leaves the hidden partial file).
+    (without it, Python dies at once; the unnamed file goes with it).
     """
 
     def __init__(self, path: str | os.PathLike, blocks: Sequence[RamBlock],
@@ -196,7 +196,7 @@ class Saver:
             tracker = HashTracker()
         if tracker is not None and not isinstance(tracker, DirtyTracker):
             raise OptionError(f"tracker must be a DirtyTracker (DirtyLog, UffdTracker, "
-                             f"HashTracker) or 'hash', not {tracker!r}")
+                              f"HashTracker) or 'hash', not {tracker!r}")
         if mode is not None and (not isinstance(mode, int) or not 0 <= mode <= 0o7777):
             raise OptionError(f"mode must be a file mode such as 0o600, not {mode!r}")
         self.tracker = tracker
@@ -230,7 +230,7 @@ class Saver:
 
     def __del__(self) -> None:
         # Unclosed: no ``with``, or a Ctrl-C that struck between the end of
-        # the block and close().  Its channels and partial file would
+        # the block and close().  Its channels and its file would
         # outlive it.
         if getattr(self, "state", "closed") not in ("new", "closed"):
             warnings.warn(f"{self.path}: a Saver dropped without close(); closing it",
@@ -481,7 +481,7 @@ class Saver:
                               "Saver (tracker=...), not only to run")
         if not isinstance(max_passes, int) or max_passes < 1:
             raise OptionError(f"max_passes must be a whole number of at least 1, "
-                                 f"not {max_passes!r}")
+                              f"not {max_passes!r}")
         if dirty_pages_limit is None:
             dirty_pages_limit = int(sum(b.pages for b in self.blocks) * DIRTY_FRACTION_LIMIT)
         self._check_tracker(tracker)

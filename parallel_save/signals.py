@@ -1,7 +1,7 @@
 """Signals during a save or restore: how a stop request becomes a clean stop.
 
 Ctrl-C already raises KeyboardInterrupt, so ``with`` blocks stop the
-channels and deal with the partial file.  SIGTERM (and SIGHUP) kill Python
+channels and deal with the file being written.  SIGTERM (and SIGHUP) kill Python
 outright by default, skipping all of that; :func:`terminate_cleanly` turns
 them into ``SystemExit(128 + signal)`` for a command line program.  A
 library does not install it on its own: the signal handlers of the process
