@@ -384,12 +384,12 @@ class ChannelGroup:
         return self._run([(RESTORE, shard, zero_clear)
                           for shard in deal_chunks(chunks, self.count)], progress, total)
 
-    def file_bitmap(self, block: int) -> np.ndarray:
-        """A block's bitmap of pages in the file, in QEMU's packed words:
-        the OR of the channels' own (see control.py)."""
-        control = self.control
-        merged = np.bitwise_or.reduce(control.file_bitmaps, axis=0)
-        return control.block_bits(merged, block).copy()
+    def file_bitmaps(self) -> list[np.ndarray]:
+        """Each block's bitmap of pages in the file, in QEMU's packed words:
+        the OR of the channels' own (see control.py), merged once."""
+        merged = self.control.merged_file_bitmap()
+        return [self.control.block_bits(merged, block).copy()
+                for block in range(len(self.control.layout.block_pages))]
 
     def switch_file(self, image_fd: int, file_bitmaps: Sequence[np.ndarray],
                     hash_table: int = 0) -> None:

@@ -295,7 +295,7 @@ class Checkpointer:
             counts = self._group.save_pass(
                 [np.ones(b.pages, dtype=bool) for b in self.blocks] if pages is None or
                 self.hashing else pages)
-            bitmaps = [self._group.file_bitmap(i) for i in range(len(self.blocks))]
+            bitmaps = self._group.file_bitmaps()
             generation = self.generation + 1
             target.file.finish(self.layout, bitmaps,
                                encode_tail(self.layout, 0, self._description(generation,

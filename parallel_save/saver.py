@@ -286,7 +286,7 @@ class Saver:
         self.state = "failed"
         started = time.perf_counter()
         self._pass("complete", pages)
-        bitmaps = [self._group.file_bitmap(index) for index in range(len(self.layout.blocks))]
+        bitmaps = self._group.file_bitmaps()
         present = [int(np.bitwise_count(bits).sum(dtype=np.int64)) for bits in bitmaps]
         self.stats.pages_present = sum(present)
         iterate_passes = len(self.stats.passes) - 1
