@@ -74,9 +74,12 @@ def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY, *,
     return fd
 
 
-def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """The [first, last) byte ranges of ``[start, end)`` that hold data in
-    the open file, in order; the rest are holes, which read as zero.
+def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The data of the open file from ``start`` on, as (first byte, first
+    byte of the hole after it) for each run of data that begins before
+    ``end``; the hole may lie past ``end`` (a caller can remember how far
+    the file is known to hold data).  The rest are holes, which read as
+    zero.
 
     Found with SEEK_DATA/SEEK_HOLE, so the cost is one pair of lseeks per
     run of data, never a read of a hole: a sparse file of terabytes with
@@ -99,8 +102,15 @@ def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         if first >= end:
             return
         hole = os.lseek(fd, first, os.SEEK_HOLE)
-        yield first, min(hole, end)
+        yield first, hole
         at = hole
+
+
+def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The [first, last) byte ranges of ``[start, end)`` that hold data in
+    the open file, in order (:func:`data_extents`, cut at ``end``)."""
+    for first, hole in data_extents(fd, start, end):
+        yield first, min(hole, end)
 
 
 def hole_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:

@@ -56,6 +56,7 @@ from ..control import (
     ChannelPlan,
     ControlSegment,
 )
+from ..files import data_extents
 from ..format import PAGE_SIZE, bit_runs
 from ..tracking.hashing import PageHasher
 
@@ -292,28 +293,24 @@ class Channel:
             return None  # an earlier window's SEEK_HOLE found data past here
         holes = None
         position = max(low, self._data_end.get(block, 0))
+
+        def mark(hole_start: int, hole_end: int) -> None:
+            nonlocal holes
+            pages_first = -(-(hole_start - low) // PAGE_SIZE)
+            pages_end = (min(hole_end, high) - low) // PAGE_SIZE
+            if pages_end > pages_first:
+                if holes is None:
+                    holes = np.zeros(end - first, dtype=bool)
+                holes[pages_first:pages_end] = True
+
         try:
-            while position < high:
-                try:
-                    data = os.lseek(fd, position, os.SEEK_DATA)
-                except OSError as error:
-                    if error.errno != errno.ENXIO:
-                        raise
-                    data = high  # nothing but hole up to the end of the file
-                if data > position:
-                    hole_first = -(-(position - low) // PAGE_SIZE)
-                    hole_end = (min(data, high) - low) // PAGE_SIZE
-                    if hole_end > hole_first:
-                        if holes is None:
-                            holes = np.zeros(end - first, dtype=bool)
-                        holes[hole_first:hole_end] = True
-                if data >= high:
-                    break
-                position = os.lseek(fd, data, os.SEEK_HOLE)
-                self._data_end[block] = position
+            for data, hole in data_extents(fd, position, high):
+                mark(position, data)
+                position = self._data_end[block] = hole
         except OSError:
             self.can_seek_holes = False
             return None
+        mark(position, high)  # nothing but hole from the last data on
         return holes
 
     # --- save ---
