@@ -39,7 +39,6 @@ from typing import Any, Self
 
 import numpy as np
 
-from ._version import __version__
 from .blocks import RamBlock
 from .channels import ChannelGroup, choose_start_method
 from .errors import BlockError, FormatError, ParallelSaveError, SaveStateError
@@ -47,7 +46,13 @@ from .format import decode_stream, encode_tail, our_metadata, plan_layout
 from .image import open_image
 from .imagefile import ImageFile
 from .restorer import restore
-from .saver import check_blocks, check_channels, check_dirty_set, check_sources
+from .saver import (
+    check_blocks,
+    check_channels,
+    check_dirty_set,
+    check_sources,
+    image_description,
+)
 from .signals import signals_deferred
 from .stats import RestoreStats
 from .tracking import DirtyTracker, HashTracker
@@ -377,17 +382,10 @@ class Checkpointer:
         return full
 
     def _description(self, generation: int, bitmaps: list[np.ndarray]) -> dict[str, Any]:
-        blocks = []
-        for bits, block in zip(bitmaps, self.layout.blocks):
-            present = int(np.bitwise_count(bits).sum(dtype=np.int64))
-            blocks.append({"name": block.name, "length": block.length, "pages": block.pages,
-                           "pages_present": present, "pages_zero": block.pages - present})
-        return {"parallel_save": {
-            "version": __version__, "machine": self.layout.machine, "blocks": blocks,
-            "channels": self.channels, "direct_io": self.direct_io, "synced": self.sync,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "checkpoint": {"generation": generation},
-        }}
+        present = [int(np.bitwise_count(bits).sum(dtype=np.int64)) for bits in bitmaps]
+        return image_description(self.layout, present, channels=self.channels,
+                                 direct_io=self.direct_io, synced=self.sync,
+                                 checkpoint={"generation": generation})
 
     def close(self) -> None:
         """Stop the channels and close both images; safe to call twice."""

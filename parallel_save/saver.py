@@ -34,7 +34,7 @@ from ._version import __version__
 from .blocks import RamBlock
 from .channels import ChannelGroup, choose_start_method
 from .errors import BlockError, ImageWriteError, OptionError, SaveStateError
-from .format import encode_tail, plan_layout
+from .format import StreamLayout, encode_tail, plan_layout
 from .imagefile import ImageFile
 from .signals import signals_deferred
 from .stats import PassStats, SaveStats, StatusBoard
@@ -122,6 +122,19 @@ def check_dirty_set(blocks: Sequence[RamBlock], dirty: Any) -> list[np.ndarray |
             pages = pages.astype(bool, copy=False)
         checked.append(pages)
     return checked
+
+
+def image_description(layout: StreamLayout, present: Sequence[int],
+                      **details: Any) -> dict[str, Any]:
+    """What we write after EOF (QEMU reads past it): the version, machine,
+    each block with its pages present (``present``, per block) and zero,
+    the time, and ``details`` of the save."""
+    blocks = [{"name": block.name, "length": block.length, "pages": block.pages,
+               "pages_present": count, "pages_zero": block.pages - count}
+              for count, block in zip(present, layout.blocks)]
+    return {"parallel_save": {
+        "version": __version__, "machine": layout.machine, "blocks": blocks,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details}}
 
 
 # What each state means to someone calling a method at the wrong time.
@@ -427,18 +440,10 @@ class Saver:
 
     def _description(self, present: list[int]) -> dict[str, Any]:
         """Our metadata after EOF; QEMU reads past it."""
-        blocks = []
-        for count, block in zip(present, self.layout.blocks):
-            blocks.append({"name": block.name, "length": block.length,
-                           "pages": block.pages, "pages_present": count,
-                           "pages_zero": block.pages - count})
-        return {"parallel_save": {
-            "version": __version__, "machine": self.layout.machine,
-            "blocks": blocks, "channels": self.channels, "direct_io": self.direct_io,
-            "passes": len(self.stats.passes), "synced": self.sync,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **({"user": self.user_description} if self.user_description else {}),
-        }}
+        return image_description(
+            self.layout, present, channels=self.channels, direct_io=self.direct_io,
+            passes=len(self.stats.passes), synced=self.sync,
+            **({"user": self.user_description} if self.user_description else {}))
 
     def _publish(self, **extra: Any) -> None:
         if self._board is None:
