@@ -116,6 +116,18 @@ def choose_start_method(start_method: str | None) -> str:
     return start_method
 
 
+def lookahead(count: int) -> bool:
+    """Whether ``count`` channels each work a window ahead on a second
+    thread (a save's zero checks, a restore's mapping of the destination)
+    while doing the file's I/O for the window before: only while there are
+    more CPUs than channels (else the thread only takes a core from another
+    channel)."""
+    pinned = os.environ.get("PARALLEL_SAVE_LOOKAHEAD")
+    if pinned:
+        return pinned == "1"
+    return count < len(os.sched_getaffinity(0))
+
+
 def deal_chunks(chunks: np.ndarray, channels: int) -> list[np.ndarray]:
     """Each channel's share of these chunk numbers: chunk g always goes to
     channel g % channels, which is what makes an OR merge correct."""
@@ -273,7 +285,8 @@ class ChannelGroup:
         if hash_keys is not None:
             control.hash_keys[:] = hash_keys
         plan = ChannelPlan(image_name, writing, direct_io, tuple(sources),
-                           tuple(pages_offsets), layout, os.getpid(), os.getpid())
+                           tuple(pages_offsets), layout, os.getpid(), os.getpid(),
+                           lookahead=lookahead(count))
         group = cls(count, plan, control)
         group.start(method, image_fd)
         return group

@@ -218,3 +218,4 @@ class ChannelPlan:
     coordinator: int                 # pid of the coordinator: the channel dies with it
     parent: int                      # pid the channel's parent must have: the
                                      # coordinator, or a snapshot's holder
+    lookahead: bool = False          # a second thread a window ahead (channels.lookahead)

@@ -284,7 +284,10 @@ def test_channel_killed_mid_restore_fails_the_restore(shm, tmp_path):
 # --- a channel that fails on its own ---
 
 
-def test_channel_write_error_is_reported_with_its_cause(shm, tmp_path):
+@pytest.mark.parametrize("lookahead", ["0", "1"], ids=["one-thread", "look-ahead"])
+def test_channel_write_error_is_reported_with_its_cause(shm, tmp_path, monkeypatch,
+                                                         lookahead):
+    monkeypatch.setenv("PARALLEL_SAVE_LOOKAHEAD", lookahead)
     block = shm.block("ram0", 1024, fill=0.0)  # chunk 1 (channel 1) at 3..5 MiB
     path = tmp_path / "vm.img"
     with ps.Saver(path, [block], channels=2) as saver:

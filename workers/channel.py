@@ -25,6 +25,8 @@ import select
 import signal
 import threading
 import time
+from concurrent import futures
+from dataclasses import dataclass
 
 # The standard library's (same wire as multiprocess's): it imports fast,
 # which a channel started as a new interpreter waits for.
@@ -177,6 +179,42 @@ def direct_io_spans(dirty_runs: tuple[np.ndarray, np.ndarray], written: np.ndarr
     return firsts, lasts + 1
 
 
+@dataclass(slots=True)
+class SaveWindow:
+    """One window of a save pass, between finding its dirty pages and
+    writing the non-zero ones."""
+
+    block: int
+    first: int                 # the window's pages in its block: [first, end)
+    end: int
+    dirty: np.ndarray          # mask of the window's pages this pass saves
+    all_dirty: np.ndarray      # their numbers (in the window)
+    dirty_pages: np.ndarray    # those to read: not in holes of the block's file
+    dirty_runs: tuple[np.ndarray, np.ndarray]
+    words: np.ndarray          # the window's pages (or a private copy of them)
+    base: int                  # file offset of the window's first page
+    unchanged: int             # pages the hash tracker found unchanged
+    started_ns: int
+    prepared_ns: int
+
+
+@dataclass(slots=True)
+class RestoreWindow:
+    """One window of a restore pass: the runs of pages to read, and those
+    to clear."""
+
+    block: int
+    first: int
+    words: np.ndarray          # the window's pages in the destination
+    base: int                  # file offset of the window's first page
+    starts: np.ndarray         # runs of pages present in the image
+    ends: np.ndarray
+    clear_starts: np.ndarray   # runs of this channel's pages absent from it
+    clear_ends: np.ndarray
+    own_pages: int
+    present: np.ndarray
+
+
 def _pread(fd: int, buffer: memoryview, offset: int) -> int:
     return os.preadv(fd, [buffer], offset)
 
@@ -202,6 +240,10 @@ class Channel:
         self.block_pages = plan.control.block_pages
         self.bitmap_bases = plan.control.bitmap_bases
         self.window_pages = WINDOW_PAGES
+        # With a core to spare, a second thread works a window ahead: zero
+        # checks of a save, mapping the destination's pages of a restore.
+        self.lookahead = (futures.ThreadPoolExecutor(1, "look-ahead")
+                          if plan.lookahead else None)
         self.hasher = None
         self.hash_table = 0
         if plan.control.hashing:
@@ -215,6 +257,8 @@ class Channel:
             self.hashes = np.empty((HASH_WINDOW_PAGES, HASH_LANES), dtype=np.uint64)
 
     def close(self) -> None:
+        if self.lookahead is not None:
+            self.lookahead.shutdown()
         os.close(self.fd)
         self.control.close()
         for block in self.blocks:
@@ -320,53 +364,106 @@ class Channel:
         # channel's windows come in ascending order, so each part of the
         # file is searched for holes once per pass.
         self._data_end: dict[int, int] = {}
-        for block, first, end, own in self._windows(chunks):
-            started = time.perf_counter_ns()
-            dirty = self._unpack(self.control.pass_bitmap, block, first, end) & own
-            all_dirty = dirty_pages = np.flatnonzero(dirty)
-            unchanged = 0
-            holes = None if self.hasher is not None else self._hole_pages(block, first, end)
-            if holes is not None:
-                # Pages in holes are zero pages: not read, not written.
-                dirty_pages = np.flatnonzero(dirty & ~holes)
-            dirty_runs = page_runs(dirty_pages)
-            self._populate(block, first, *dirty_runs, write=False)
-            words = self.words[block][first:end]
-            if self.hasher is not None:
-                words, dirty, changed = self._changed_pages(block, first, words, dirty_pages,
-                                                            dirty_runs)
-                unchanged = dirty_pages.size - changed.size
-                all_dirty = dirty_pages = changed
-                dirty_runs = page_runs(changed)
-            base = self.plan.pages_offsets[block] + first * PAGE_SIZE
+        windows = (self._prepare(*window) for window in self._windows(chunks))
+        if self.lookahead is not None and self.hasher is None:
+            self._save_ahead(windows)
+            return
+        for work in windows:
+            self._populate(work.block, work.first, *work.dirty_runs, write=False)
             if (self.hasher is None and not self.plan.direct_io
-                    and len(dirty_runs[0]) <= MAX_SLICED_RUNS):
-                written, nbytes, calls = self._write_nonzero(words, dirty_runs, base)
+                    and len(work.dirty_runs[0]) <= MAX_SLICED_RUNS):
+                written, nbytes, calls = self._write_nonzero(work.words, work.dirty_runs,
+                                                             work.base)
             else:
-                written = dirty_pages[nonzero_pages(words, dirty_pages, dirty_runs)]
-                if self.plan.direct_io:
-                    spans = direct_io_spans(dirty_runs, written)
-                else:
-                    spans = page_runs(written)
-                starts, ends = split_spans(*spans)
-                nbytes = self._spans_io(os.pwrite, "writing", words, starts.tolist(),
-                                        ends.tolist(), base)
-                calls = starts.size
-            # This channel always handles these chunks, so its bits here are
-            # the latest: written pages set, dirty pages found zero cleared.
-            present = self._unpack(self.file_bits, block, first, end) & ~dirty
-            present[written] = True
-            self._bits(self.file_bits, block, first, end)[:] = np.packbits(
-                present, bitorder="little")
-            row = self.counters
-            row[PAGES_WRITTEN] += written.size
-            row[ZERO_PAGES] += all_dirty.size - written.size
-            row[BYTES_WRITTEN] += nbytes
-            row[WRITE_CALLS] += calls
-            row[UNCHANGED_PAGES] += unchanged
-            row[PAGES_DONE] += all_dirty.size + unchanged
-            row[SHARDS_DONE] += 1
-            row[BUSY_NS] += time.perf_counter_ns() - started
+                written = work.dirty_pages[nonzero_pages(work.words, work.dirty_pages,
+                                                         work.dirty_runs)]
+                nbytes, calls = self._write_found(work, written)
+            self._account(work, written, nbytes, calls)
+
+    def _save_ahead(self, windows) -> None:
+        """The save loop with a look-ahead thread: while this thread writes
+        a window's pages, the other finds the next window's zero pages
+        (numpy and madvise let go of the GIL, pwrite too), so the channel's
+        one file writer never waits for the zero check."""
+        pending = None  # (window, its zero check under way)
+        try:
+            for work in windows:
+                checking = self.lookahead.submit(self._detect, work)
+                if pending is not None:
+                    self._write_detected(*pending)
+                pending = work, checking
+            if pending is not None:
+                self._write_detected(*pending)
+                pending = None
+        finally:
+            if pending is not None:
+                # An error: the check still reads memory; let it end first.
+                futures.wait([pending[1]])
+
+    def _detect(self, work: SaveWindow) -> np.ndarray:
+        self._populate(work.block, work.first, *work.dirty_runs, write=False)
+        return work.dirty_pages[nonzero_pages(work.words, work.dirty_pages, work.dirty_runs)]
+
+    def _write_detected(self, work: SaveWindow, checking: futures.Future) -> None:
+        written = checking.result()
+        # Busy: the window's preparing, then from here on (not the wait).
+        work.started_ns = time.perf_counter_ns() - (work.prepared_ns - work.started_ns)
+        nbytes, calls = self._write_found(work, written)
+        self._account(work, written, nbytes, calls)
+
+    def _prepare(self, block: int, first: int, end: int, own: np.ndarray) -> SaveWindow:
+        """A window's dirty pages, less those in holes of the block's file
+        (or, with the hash tracker, less those the file holds already)."""
+        started = time.perf_counter_ns()
+        dirty = self._unpack(self.control.pass_bitmap, block, first, end) & own
+        all_dirty = dirty_pages = np.flatnonzero(dirty)
+        unchanged = 0
+        holes = None if self.hasher is not None else self._hole_pages(block, first, end)
+        if holes is not None:
+            # Pages in holes are zero pages: not read, not written.
+            dirty_pages = np.flatnonzero(dirty & ~holes)
+        dirty_runs = page_runs(dirty_pages)
+        words = self.words[block][first:end]
+        if self.hasher is not None:
+            self._populate(block, first, *dirty_runs, write=False)
+            words, dirty, changed = self._changed_pages(block, first, words, dirty_pages,
+                                                        dirty_runs)
+            unchanged = dirty_pages.size - changed.size
+            all_dirty = dirty_pages = changed
+            dirty_runs = page_runs(changed)
+        base = self.plan.pages_offsets[block] + first * PAGE_SIZE
+        return SaveWindow(block, first, end, dirty, all_dirty, dirty_pages, dirty_runs,
+                          words, base, unchanged, started, time.perf_counter_ns())
+
+    def _write_found(self, work: SaveWindow, written: np.ndarray) -> tuple[int, int]:
+        """Write a window's non-zero dirty pages (``written``); returns the
+        bytes and the calls."""
+        if self.plan.direct_io:
+            spans = direct_io_spans(work.dirty_runs, written)
+        else:
+            spans = page_runs(written)
+        starts, ends = split_spans(*spans)
+        nbytes = self._spans_io(os.pwrite, "writing", work.words, starts.tolist(),
+                                ends.tolist(), work.base)
+        return nbytes, starts.size
+
+    def _account(self, work: SaveWindow, written: np.ndarray, nbytes: int, calls: int) -> None:
+        block, first, end = work.block, work.first, work.end
+        # This channel always handles these chunks, so its bits here are
+        # the latest: written pages set, dirty pages found zero cleared.
+        present = self._unpack(self.file_bits, block, first, end) & ~work.dirty
+        present[written] = True
+        self._bits(self.file_bits, block, first, end)[:] = np.packbits(
+            present, bitorder="little")
+        row = self.counters
+        row[PAGES_WRITTEN] += written.size
+        row[ZERO_PAGES] += work.all_dirty.size - written.size
+        row[BYTES_WRITTEN] += nbytes
+        row[WRITE_CALLS] += calls
+        row[UNCHANGED_PAGES] += work.unchanged
+        row[PAGES_DONE] += work.all_dirty.size + work.unchanged
+        row[SHARDS_DONE] += 1
+        row[BUSY_NS] += time.perf_counter_ns() - work.started_ns
 
     def _write_nonzero(self, words: np.ndarray, runs: tuple[np.ndarray, np.ndarray],
                        base: int) -> tuple[np.ndarray, int, int]:
@@ -452,35 +549,74 @@ class Channel:
     # --- restore ---
 
     def restore(self, chunks: np.ndarray, zero_clear: bool) -> None:
-        for block, first, end, own in self._windows(chunks):
-            started = time.perf_counter_ns()
-            present = self._unpack(self.control.pass_bitmap, block, first, end) & own
-            words = self.words[block][first:end]
-            starts, ends = split_spans(*bit_runs(present))
-            clear_starts, clear_ends = bit_runs(own & ~present)
-            # Only the pages that get bytes: a destination known to be zero
-            # keeps its holes.
-            self._populate(block, first, starts, ends, write=True)
-            base = self.plan.pages_offsets[block] + first * PAGE_SIZE
-            if starts.size and not self.plan.direct_io:
-                # One readahead for the window's whole span: the disk then
-                # reads it in large requests instead of one per run.
-                low, high = int(starts[0]) * PAGE_SIZE, int(ends[-1]) * PAGE_SIZE
-                os.posix_fadvise(self.fd, base + low, high - low, os.POSIX_FADV_WILLNEED)
-            self._spans_io(_pread, "reading", words, starts.tolist(), ends.tolist(), base)
-            zeroed = 0
-            if zero_clear:
-                self._zero(block, first, words, clear_starts.tolist(), clear_ends.tolist())
-                zeroed = int((clear_ends - clear_starts).sum())
-            read = int((ends - starts).sum())
-            row = self.counters
-            row[PAGES_READ] += read
-            row[PAGES_ZEROED] += zeroed
-            row[WRITE_CALLS] += starts.size
-            row[PAGES_DONE] += int(np.count_nonzero(own))
-            row[SHARDS_DONE] += 1
-            row[BUSY_NS] += time.perf_counter_ns() - started
+        windows = (self._prepare_restore(*window) for window in self._windows(chunks))
+        if self.lookahead is None:
+            for work in windows:
+                self._ready_restore(work, False, zero_clear)
+                self._read_window(work, zero_clear)
+            return
+        # With a look-ahead thread, the next window's pages are mapped (the
+        # destination's pages allocated and cleared: half the work of a
+        # restore into fresh memory) while this thread reads the window before.
+        pending = None
+        try:
+            for work in windows:
+                readying = self.lookahead.submit(self._ready_restore, work, True, zero_clear)
+                if pending is not None:
+                    pending[1].result()
+                    self._read_window(pending[0], zero_clear)
+                pending = work, readying
+            if pending is not None:
+                pending[1].result()
+                self._read_window(pending[0], zero_clear)
+                pending = None
+        finally:
+            if pending is not None:
+                futures.wait([pending[1]])
 
+    def _prepare_restore(self, block: int, first: int, end: int, own: np.ndarray
+                         ) -> RestoreWindow:
+        present = self._unpack(self.control.pass_bitmap, block, first, end) & own
+        starts, ends = split_spans(*bit_runs(present))
+        clear_starts, clear_ends = bit_runs(own & ~present)
+        return RestoreWindow(block, first, self.words[block][first:end],
+                             self.plan.pages_offsets[block] + first * PAGE_SIZE,
+                             starts, ends, clear_starts, clear_ends,
+                             int(np.count_nonzero(own)), present)
+
+    def _ready_restore(self, work: RestoreWindow, ahead: bool, zero_clear: bool) -> None:
+        """Map the pages that get bytes (only those: a destination known to
+        be zero keeps its holes) and start reading the window's span."""
+        if ahead and not zero_clear:
+            # On the look-ahead thread, into a destination known to be zero:
+            # storing a zero into each page maps it with one fault in user
+            # space (no system call per run, unlike madvise), and changes
+            # nothing.  Faulting inside the pread costs the reader more.
+            work.words[np.flatnonzero(work.present), 0] = 0
+        else:
+            self._populate(work.block, work.first, work.starts, work.ends, write=True)
+        if work.starts.size and not self.plan.direct_io:
+            # One readahead for the window's whole span: the disk then
+            # reads it in large requests instead of one per run.
+            low, high = int(work.starts[0]) * PAGE_SIZE, int(work.ends[-1]) * PAGE_SIZE
+            os.posix_fadvise(self.fd, work.base + low, high - low, os.POSIX_FADV_WILLNEED)
+
+    def _read_window(self, work: RestoreWindow, zero_clear: bool) -> None:
+        started = time.perf_counter_ns()
+        self._spans_io(_pread, "reading", work.words, work.starts.tolist(),
+                       work.ends.tolist(), work.base)
+        zeroed = 0
+        if zero_clear:
+            self._zero(work.block, work.first, work.words, work.clear_starts.tolist(),
+                       work.clear_ends.tolist())
+            zeroed = int((work.clear_ends - work.clear_starts).sum())
+        row = self.counters
+        row[PAGES_READ] += int((work.ends - work.starts).sum())
+        row[PAGES_ZEROED] += zeroed
+        row[WRITE_CALLS] += work.starts.size
+        row[PAGES_DONE] += work.own_pages
+        row[SHARDS_DONE] += 1
+        row[BUSY_NS] += time.perf_counter_ns() - started
 
     def _zero(self, block: int, first: int, words: np.ndarray, starts: list[int],
               ends: list[int]) -> None:
