@@ -299,7 +299,8 @@ class Checkpointer:
             pages = None if full else target.pending
             counts = self._group.save_pass(
                 [np.ones(b.pages, dtype=bool) for b in self.blocks] if pages is None or
-                self.hashing else pages)
+                self.hashing else pages,
+                (lambda done, total: target.file.start_writeback()) if self.sync else None)
             bitmaps = self._group.file_bitmaps()
             generation = self.generation + 1
             target.file.finish(self.layout, bitmaps,

@@ -10,6 +10,7 @@ path is never opened a second time.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -72,6 +73,28 @@ def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY, *,
         os.close(fd)
         raise
     return fd
+
+
+# sync_file_range(2), which Python's os module lacks: start writing a
+# file's dirty pages back without waiting for them.
+_SYNC_FILE_RANGE_WRITE = 2
+try:
+    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                 ctypes.c_uint)
+except (OSError, AttributeError):
+    _sync_file_range = None
+
+
+def start_writeback(fd: int) -> None:
+    """Have the kernel start writing the file's dirty pages to disk now,
+    without waiting for them.  A durable save calls it while its channels
+    write: the disk then works during the pass instead of only in the final
+    fdatasync (the file system starts by itself only once a tenth or so of
+    the machine's memory is dirty).  Best effort: an error here is the
+    fdatasync's to report."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:

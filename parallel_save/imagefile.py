@@ -38,7 +38,7 @@ import numpy as np
 from .artifacts import partial_name
 from .directio import check_direct_io_fd
 from .errors import DestinationError, FormatError, ImageWriteError
-from .files import file_kind
+from .files import file_kind, start_writeback
 from .format import StreamLayout, decode_stream, encode_setup
 
 DEFAULT_MODE = 0o600
@@ -171,6 +171,11 @@ class ImageFile:
         while view:
             written = self.call(os.pwrite, view, offset)
             view, offset = view[written:], offset + written
+
+    def start_writeback(self) -> None:
+        """Start writing what the channels wrote so far to disk (see
+        files.start_writeback); for durable saves, during their passes."""
+        start_writeback(self.fd)
 
     def cut_old_stream(self, start: int, sync: bool) -> None:
         """Before a stream is written over an older one in place: the older

@@ -418,6 +418,9 @@ class Saver:
         started = time.perf_counter()
 
         def progress(done: int, total: int) -> None:
+            if self.sync:
+                # Called every tenth of a second or so while channels write.
+                self._file.start_writeback()
             if self.on_progress is not None:
                 self.on_progress(phase, done, total)
             self._publish(phase=phase, pass_pages_done=done, pass_pages=total)

@@ -9,6 +9,7 @@ KiB of real data.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 
 import parallel_save as ps
 from parallel_save.cli import main
+from parallel_save import files
 from parallel_save.files import data_runs, hole_runs, open_regular
 from parallel_save.format import (
     PAGE_SIZE,
@@ -86,6 +88,27 @@ def test_data_runs_are_the_written_ranges_and_hole_runs_the_rest(tmp_path):
         assert list(data_runs(fd, 2 * MiB, 8 * MiB)) == []
         assert list(hole_runs(fd, 0, 4 * MiB)) == [(PAGE_SIZE, MiB),
                                                     (MiB + 2 * PAGE_SIZE, 4 * MiB)]
+    finally:
+        os.close(fd)
+
+
+def test_start_writeback_reaches_the_system_call(tmp_path):
+    """A durable save starts writeback during its passes with
+    sync_file_range(2), bound through ctypes: the binding must exist on
+    Linux and pass its arguments through (a bad descriptor comes back as
+    EBADF, a bad flag as EINVAL), and it writes nothing itself."""
+    assert files._sync_file_range is not None
+    ctypes.set_errno(0)
+    assert files._sync_file_range(-1, 0, 0, files._SYNC_FILE_RANGE_WRITE) == -1
+    assert ctypes.get_errno() == errno.EBADF
+    path = tmp_path / "dirty"
+    path.write_bytes(b"x" * MiB)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert files._sync_file_range(fd, 0, 0, 1 << 10) == -1
+        assert ctypes.get_errno() == errno.EINVAL
+        files.start_writeback(fd)
+        assert os.pread(fd, 16, MiB - 16) == b"x" * 16
     finally:
         os.close(fd)
 
