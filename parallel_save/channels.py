@@ -128,6 +128,19 @@ def lookahead(count: int) -> bool:
     return count < len(os.sched_getaffinity(0))
 
 
+def take_turns(count: int) -> bool:
+    """Whether ``count`` channels of a buffered save take turns at writing
+    the file (workers/channel.py, Turns): whenever more than one writes.
+    The kernel lets one buffered writer at a time into a file anyway; with
+    turns the others check their next pages for zeros, or sleep, instead of
+    spinning for it: the same time, less CPU taken from the machine (a
+    guest still running, say)."""
+    pinned = os.environ.get("PARALLEL_SAVE_TURNS")
+    if pinned:
+        return pinned == "1"
+    return count > 1
+
+
 def deal_chunks(chunks: np.ndarray, channels: int) -> list[np.ndarray]:
     """Each channel's share of these chunk numbers: chunk g always goes to
     channel g % channels, which is what makes an OR merge correct."""
@@ -286,7 +299,8 @@ class ChannelGroup:
             control.hash_keys[:] = hash_keys
         plan = ChannelPlan(image_name, writing, direct_io, tuple(sources),
                            tuple(pages_offsets), layout, os.getpid(), os.getpid(),
-                           lookahead=lookahead(count))
+                           lookahead=lookahead(count),
+                           turns=writing and not direct_io and take_turns(count))
         group = cls(count, plan, control)
         group.start(method, image_fd)
         return group

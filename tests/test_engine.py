@@ -15,6 +15,7 @@ import pytest
 
 import parallel_save as ps
 from parallel_save.format import PAGE_SIZE
+from parallel_save.workers.channel import Turns
 
 # Block sizes in pages: one page, less than a chunk (512 pages), a chunk and
 # one page, and several chunks that do not end on a chunk boundary.
@@ -118,6 +119,47 @@ def test_round_trip_is_exact_with_or_without_the_look_ahead_thread(
         allocated = os.stat(copy.source.path).st_blocks * 512
         assert allocated == int(nonzero_pages(block).sum()) * PAGE_SIZE, block.name
         assert np.array_equal(copy.array, block.array), block.name
+
+
+@pytest.mark.parametrize("turns", ["0", "1"], ids=["free-for-all", "turns"])
+def test_round_trip_is_exact_whether_channels_take_turns_or_not(shm, tmp_path, monkeypatch,
+                                                                 turns):
+    monkeypatch.setenv("PARALLEL_SAVE_TURNS", turns)
+    blocks = make_blocks(shm, seed=60)
+    path = tmp_path / "vm.img"
+    stats = save_with_passes(path, blocks, passes=3, seed=60, channels=4)
+    assert stats.pages_written >= sum(int(nonzero_pages(b).sum()) for b in blocks)
+    assert_restores_exactly(path, blocks, shm, channels=2)
+
+
+def test_a_channel_waits_for_its_turn_while_another_has_it(tmp_path):
+    """Turns are a record lock each channel process owns on its own: a
+    second process cannot take a turn held by the first, and can once it
+    is given back (or the holder dies)."""
+    fd = os.memfd_create("turns")
+    os.ftruncate(fd, 4096)
+    turns = Turns(fd)
+    assert turns.take(wait=False)
+    context = multiprocess.get_context("fork")
+
+    def try_turn(queue) -> None:
+        queue.put(Turns(fd).take(wait=False))
+
+    def attempt() -> bool:
+        queue = context.Queue()
+        process = context.Process(target=try_turn, args=(queue,))
+        process.start()
+        answer = queue.get(timeout=30)
+        process.join()
+        return answer
+
+    try:
+        assert attempt() is False
+        turns.give()
+        assert attempt() is True  # and its turn ended with its process
+        assert turns.take(wait=False)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("late_pages", [3, 200])

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 import parallel_save as ps
-from parallel_save.cli import main
 from parallel_save import files
+from parallel_save.cli import main
 from parallel_save.files import data_runs, hole_runs, open_regular
 from parallel_save.format import (
     PAGE_SIZE,

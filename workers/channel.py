@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import fcntl
 import mmap
 import os
 import pickle
@@ -68,6 +69,30 @@ _MADV_POPULATE_READ = 22
 _MADV_POPULATE_WRITE = 23
 
 
+class Turns:
+    """Channels' turns at writing the file, a POSIX record lock on the first
+    byte of the control segment (each channel is its own lock owner).
+
+    Buffered writes to one file take its inode lock, and a writer that finds
+    it taken spins while the owner runs: with two channels or more per CPU
+    the cores go to spinning and to switching between channels.  A channel
+    that cannot have its turn at once checks its next step for zeros
+    instead, and writes what it has when its turn comes."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def take(self, wait: bool) -> bool:
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, 0)
+        except (BlockingIOError, PermissionError):
+            return False
+        return True
+
+    def give(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
+
+
 def die_with_coordinator(plan: ChannelPlan) -> None:
     """Kill this process as soon as the coordinator process is gone.
 
@@ -105,6 +130,8 @@ MAX_POPULATE_RUNS = 64
 MAX_SLICED_RUNS = 16
 # ... and writes them a step at a time, while the step is in the cache.
 STEP_PAGES = 256
+# Steps checked ahead while waiting for a turn at the file (Turns).
+MAX_WAITING_STEPS = 8
 # With the hash tracker, windows of 4 MiB: each is copied to private
 # memory, and hashing dwarfs the per-window numpy calls anyway.
 HASH_WINDOW_PAGES = 2 * CHUNK_PAGES
@@ -244,6 +271,7 @@ class Channel:
         # checks of a save, mapping the destination's pages of a restore.
         self.lookahead = (futures.ThreadPoolExecutor(1, "look-ahead")
                           if plan.lookahead else None)
+        self.turns = Turns(self.control.fd) if plan.turns else None
         self.hasher = None
         self.hash_table = 0
         if plan.control.hashing:
@@ -470,10 +498,15 @@ class Channel:
         """Zero detection and write in one step per STEP_PAGES of each of a
         few long runs: the pwrite copies pages the check just brought into
         the core's cache, instead of reading the window from memory a second
-        time.  Returns the pages written, the bytes and the calls."""
+        time.  Where channels take turns at the file, a step whose turn
+        cannot be had at once waits (up to MAX_WAITING_STEPS) while the next
+        steps are checked.  Returns the pages written, the bytes and the
+        calls."""
         step = STEP_PAGES
         found = []
+        waiting: list[tuple[list[int], list[int]]] = []
         nbytes = calls = 0
+        turns = self.turns
         for run_start, run_end in zip(runs[0].tolist(), runs[1].tolist()):
             for start in range(run_start, run_end, step):
                 end = min(start + step, run_end)
@@ -481,10 +514,21 @@ class Channel:
                 if not pages.size:
                     continue
                 starts, ends = page_runs(pages)
-                nbytes += self._spans_io(os.pwrite, "writing", words, starts.tolist(),
-                                         ends.tolist(), base)
-                calls += starts.size
                 found.append(pages)
+                calls += starts.size
+                waiting.append((starts.tolist(), ends.tolist()))
+                if turns is not None and not turns.take(wait=len(waiting) >= MAX_WAITING_STEPS):
+                    continue
+                for starts, ends in waiting:
+                    nbytes += self._spans_io(os.pwrite, "writing", words, starts, ends, base)
+                waiting.clear()
+                if turns is not None:
+                    turns.give()
+        if waiting:
+            turns.take(wait=True)
+            for starts, ends in waiting:
+                nbytes += self._spans_io(os.pwrite, "writing", words, starts, ends, base)
+            turns.give()
         written = np.concatenate(found) if found else np.zeros(0, np.int64)
         return written, nbytes, calls
 
