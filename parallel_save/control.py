@@ -219,4 +219,4 @@ class ChannelPlan:
     parent: int                      # pid the channel's parent must have: the
                                      # coordinator, or a snapshot's holder
     lookahead: bool = False          # a second thread a window ahead (channels.lookahead)
-    turns: bool = False              # channels take turns at the file (channels.turns)
+    turns: bool = False              # channels take turns at the file (channels.take_turns)
