@@ -398,7 +398,9 @@ class Channel:
         self._data_end: dict[int, int] = {}
         windows = (self._prepare(*window) for window in self._windows(chunks))
         if self.lookahead is not None and self.hasher is None:
-            self._save_ahead(windows)
+            # The zero check of the next window runs while this one's pages
+            # are written: the channel's one file writer never waits for it.
+            self._one_window_ahead(windows, self._detect, self._write_detected)
             return
         for work in windows:
             self._populate(work.block, work.first, *work.dirty_runs, write=False)
@@ -412,32 +414,31 @@ class Channel:
                 nbytes, calls = self._write_found(work, written)
             self._account(work, written, nbytes, calls)
 
-    def _save_ahead(self, windows) -> None:
-        """The save loop with a look-ahead thread: while this thread writes
-        a window's pages, the other finds the next window's zero pages
-        (numpy and madvise let go of the GIL, pwrite too), so the channel's
-        one file writer never waits for the zero check."""
-        pending = None  # (window, its zero check under way)
+    def _one_window_ahead(self, windows, ahead, then) -> None:
+        """Run ``ahead(window)`` on the look-ahead thread one window before
+        ``then(window, what ahead returned)`` runs on this thread (numpy,
+        madvise and the file's system calls let go of the GIL)."""
+        pending = None  # (window, its work ahead under way)
         try:
             for work in windows:
-                checking = self.lookahead.submit(self._detect, work)
+                future = self.lookahead.submit(ahead, work)
                 if pending is not None:
-                    self._write_detected(*pending)
-                pending = work, checking
+                    then(pending[0], pending[1].result())
+                pending = work, future
             if pending is not None:
-                self._write_detected(*pending)
+                work, future = pending
                 pending = None
+                then(work, future.result())
         finally:
             if pending is not None:
-                # An error: the check still reads memory; let it end first.
+                # An error: the work ahead still reads memory; let it end first.
                 futures.wait([pending[1]])
 
     def _detect(self, work: SaveWindow) -> np.ndarray:
         self._populate(work.block, work.first, *work.dirty_runs, write=False)
         return work.dirty_pages[nonzero_pages(work.words, work.dirty_pages, work.dirty_runs)]
 
-    def _write_detected(self, work: SaveWindow, checking: futures.Future) -> None:
-        written = checking.result()
+    def _write_detected(self, work: SaveWindow, written: np.ndarray) -> None:
         # Busy: the window's preparing, then from here on (not the wait).
         work.started_ns = time.perf_counter_ns() - (work.prepared_ns - work.started_ns)
         nbytes, calls = self._write_found(work, written)
@@ -615,21 +616,9 @@ class Channel:
         # With a look-ahead thread, the next window's pages are mapped (the
         # destination's pages allocated and cleared: half the work of a
         # restore into fresh memory) while this thread reads the window before.
-        pending = None
-        try:
-            for work in windows:
-                readying = self.lookahead.submit(self._ready_restore, work, True, zero_clear)
-                if pending is not None:
-                    pending[1].result()
-                    self._read_window(pending[0], zero_clear)
-                pending = work, readying
-            if pending is not None:
-                pending[1].result()
-                self._read_window(pending[0], zero_clear)
-                pending = None
-        finally:
-            if pending is not None:
-                futures.wait([pending[1]])
+        self._one_window_ahead(windows,
+                               lambda work: self._ready_restore(work, True, zero_clear),
+                               lambda work, _: self._read_window(work, zero_clear))
 
     def _prepare_restore(self, block: int, first: int, end: int, own: np.ndarray
                          ) -> RestoreWindow:
