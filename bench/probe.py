@@ -4,7 +4,10 @@ incremental passes, or one of the floors they are held to:
 - ``write_floor``: one process pwriting exactly the runs of the image's
   non-zero pages at their offsets in a new file, from a mapping already
   populated (as a VM's memory is), nothing else: no zero check, no
-  bitmap, no header (runs found before the clock starts);
+  bitmap, no header (runs found before the clock starts), each run in
+  pieces of at most 512 KiB (ext4 gives a buffered write folios as large as
+  the write, and with the page cache full a dense image written as one
+  1 GiB run waited for large folios: the "floor" ran slower than a save);
 - ``read_floor``: the same runs pread from the restore source into a
   fresh all-zero shared-memory destination;
 - ``memcpy``: a plain copy of the non-zero bytes into populated memory,
@@ -40,6 +43,8 @@ _MADV_POPULATE_WRITE = 23
 # The floors' first page goes one page into their file, as an image's
 # pages region starts after its header.
 _FLOOR_BASE = PAGE_SIZE
+# The one-writer floor's largest write: 512 KiB (see write_floor above).
+_FLOOR_PIECE_PAGES = 128
 # The memory floor's target: far larger than any cache.
 _COPY_BUFFER = 512 << 20
 
@@ -128,7 +133,11 @@ def _map(path: str, size: int, write: bool) -> mmap.mmap:
 
 def write_floor(spec: dict[str, Any]) -> dict[str, Any]:
     mapping = _map(spec["image"], spec["size"], write=False)
-    starts, ends = _nonzero_runs(np.frombuffer(mapping, np.uint64).reshape(-1, 512))
+    runs = _nonzero_runs(np.frombuffer(mapping, np.uint64).reshape(-1, 512))
+    starts = [piece for start, end in zip(*runs)
+              for piece in range(start, end, _FLOOR_PIECE_PAGES)]
+    ends = [min(piece + _FLOOR_PIECE_PAGES, end) for start, end in zip(*runs)
+            for piece in range(start, end, _FLOOR_PIECE_PAGES)]
     mapping.madvise(_MADV_POPULATE_READ, 0, spec["size"])
     view = memoryview(mapping)
     fd = os.open(os.path.dirname(spec["out"]), os.O_TMPFILE | os.O_RDWR, 0o600)
