@@ -28,7 +28,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from .control import (
     ControlSegment,
 )
 from .errors import ChannelError, OptionError
+from .files import other_threads
 from .format import PAGE_SIZE
 from .signals import TERMINATE_SIGNALS, signals_deferred
 from .stats import ChannelStats
@@ -105,11 +105,11 @@ def _channel(number: int, connection, plan: ChannelPlan) -> None:
 
 def choose_start_method(start_method: str | None) -> str:
     """``start_method`` checked, or the default: $PARALLEL_SAVE_START_METHOD
-    if set, else fork while this process has a single thread, spawn once it
-    has more."""
+    if set, else fork while this process has a single thread (not counting
+    threads that only close a file), spawn once it has more."""
     if start_method is None:
         start_method = os.environ.get("PARALLEL_SAVE_START_METHOD") or (
-            "fork" if threading.active_count() == 1 else "spawn")
+            "fork" if other_threads() == 0 else "spawn")
     if start_method not in START_METHODS:
         raise OptionError(f"start_method must be one of {START_METHODS}, "
                           f"not {start_method!r}")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +37,7 @@ import numpy as np
 from .artifacts import partial_name
 from .directio import check_direct_io_fd
 from .errors import DestinationError, FormatError, ImageWriteError
-from .files import file_kind, start_writeback
+from .files import close_in_background, file_kind, start_writeback
 from .format import StreamLayout, decode_stream, encode_setup
 
 DEFAULT_MODE = 0o600
@@ -64,10 +63,6 @@ def _exchange(dir_fd: int, first: str, second: str) -> bool:
     if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT):
         return False
     raise OSError(error, os.strerror(error), second)
-
-
-def _free_later(fd: int) -> None:
-    threading.Thread(target=os.close, args=(fd,), name="free old image", daemon=True).start()
 
 
 class ImageFile:
@@ -259,7 +254,7 @@ class ImageFile:
             raise ImageWriteError(error.errno, error.strerror, self.path) from None
         self.partial = None
         if old is not None:
-            _free_later(old)
+            close_in_background(old, "free old image")
         ours, found = os.fstat(self.fd), os.stat(self.name, dir_fd=self.dir_fd,
                                                   follow_symlinks=False)
         if (found.st_dev, found.st_ino) != (ours.st_dev, ours.st_ino):

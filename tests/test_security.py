@@ -5,11 +5,14 @@ shared machine)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
@@ -23,6 +26,7 @@ import pytest
 
 import parallel_save as ps
 from parallel_save.artifacts import SEGMENT_DIR, stale_files
+from parallel_save.files import close_in_background
 from parallel_save.format import PAGE_SIZE
 from parallel_save.stats import board_path
 
@@ -333,6 +337,36 @@ def test_channels_are_spawned_while_other_threads_run(shm, tmp_path, monkeypatch
     finally:
         stop.set()
         busy.join()
+    assert image_bytes_equal(tmp_path / "vm.img", block)
+
+
+def test_a_thread_closing_an_old_image_does_not_make_channels_spawned(shm, tmp_path,
+                                                                       monkeypatch):
+    """A save over an image leaves a thread closing (freeing) the old one;
+    the next save in the process still forks.  The thread is held in its
+    close by a lingering socket whose peer reads nothing."""
+    monkeypatch.delenv("PARALLEL_SAVE_START_METHOD")  # the library's own default
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 2))
+    client.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            client.send(bytes(1 << 16))
+    close_in_background(client.detach(), "free old image")
+    block = shm.block("ram0", 256, fill=0.5)
+    try:
+        closer = next(t for t in threading.enumerate() if t.name == "free old image")
+        assert closer.is_alive()
+        with ps.Saver(tmp_path / "vm.img", [block], channels=2) as saver:
+            assert saver.start_method == "fork"
+            saver.setup()
+            saver.complete()
+        assert closer.is_alive()  # the save ran beside it
+    finally:
+        peer.close()
+        server.close()
     assert image_bytes_equal(tmp_path / "vm.img", block)
 
 
