@@ -108,9 +108,15 @@ def _probe(spec: dict[str, Any], sample_memory: bool = False) -> Measurement:
     memory of its process tree while it runs.  A sampled run is not a
     timed one: the sampler reads /proc of every process of the tree every
     20 ms, which slowed an 8-channel save by 15 % (0.544 -> 0.631 s) and
-    would load process-based contenders more than QEMU's threads."""
+    would load process-based contenders more than QEMU's threads.
+
+    The probe is started as the ``parallel-save`` command starts itself,
+    without BLAS threads (parallel_save/__main__.py): numpy's spin for
+    work in the first 0.1 s after its import would otherwise fall inside
+    the timed call, which a long-running caller never sees."""
     process = subprocess.Popen([sys.executable, "-m", "bench.probe", json.dumps(spec)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     if sample_memory:
         with PeakRssAnon(process.pid) as peak:
             out, err = process.communicate()

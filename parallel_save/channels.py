@@ -147,6 +147,12 @@ def deal_chunks(chunks: np.ndarray, channels: int) -> list[np.ndarray]:
     return [chunks[chunks % channels == c].astype(np.int32) for c in range(channels)]
 
 
+# A channel never multiplies matrices, but numpy's BLAS starts a thread per
+# CPU when imported, which spins for about 0.1 s looking for work: a core
+# taken from the channels at the start of their pass.
+QUIET_BLAS = {"OPENBLAS_NUM_THREADS": "1"}
+
+
 class SpawnedChannel:
     """A channel started as a new interpreter, with the few methods of a
     ``multiprocess.Process`` that the group uses.  Its connection is a
@@ -166,7 +172,8 @@ class SpawnedChannel:
             # may be a directory others can write (/tmp).
             self._popen = subprocess.Popen(
                 [sys.executable, "-P", "-c", self._BOOT, self._ROOT, str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                env={**os.environ, **QUIET_BLAS})
         finally:
             theirs.close()
         self.pid = self._popen.pid

@@ -340,6 +340,21 @@ def test_channels_are_spawned_while_other_threads_run(shm, tmp_path, monkeypatch
     assert image_bytes_equal(tmp_path / "vm.img", block)
 
 
+def test_a_spawned_channel_runs_no_blas_threads(shm, tmp_path, monkeypatch):
+    """numpy's BLAS would start a thread per CPU in each new interpreter,
+    spinning at the start of the first pass; a channel has only its own
+    two (the work, and the watch on its coordinator)."""
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    block = shm.block("ram0", 256, fill=0.5)
+    with ps.Saver(tmp_path / "vm.img", [block], channels=2, start_method="spawn") as saver:
+        saver.setup()
+        for process in saver._group.processes:
+            threads = sorted(os.listdir(f"/proc/{process.pid}/task"))
+            assert len(threads) == 2, (process.pid, threads)
+        saver.complete()
+    assert image_bytes_equal(tmp_path / "vm.img", block)
+
+
 def test_a_thread_closing_an_old_image_does_not_make_channels_spawned(shm, tmp_path,
                                                                        monkeypatch):
     """A save over an image leaves a thread closing (freeing) the old one;
