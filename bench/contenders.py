@@ -42,7 +42,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -154,8 +153,10 @@ def _restored(ctx: RunContext, destination: Path, result: Measurement) -> Measur
 def _old_image(ctx: RunContext, path: Path) -> None:
     """An older image at ``path`` for a save to replace: as many allocated
     bytes as the image's non-zero pages, on disk before the clock starts."""
-    with open(ctx.workload.nonzero_source, "rb") as source, open(path, "wb") as old:
-        shutil.copyfileobj(source, old, 4 << 20)
+    with open(ctx.workload.image, "rb") as source, open(path, "wb") as old:
+        left = ctx.workload.nonzero_bytes
+        while left:
+            left -= old.write(source.read(min(left, 4 << 20)))
         old.flush()
         os.fsync(old.fileno())
 
@@ -222,7 +223,7 @@ def run_read_floor(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
 
 
 def run_memcpy(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
-    return {name: _probe({"op": "memcpy", "nonzero_source": str(ctx.workload.nonzero_source),
+    return {name: _probe({"op": "memcpy", "source": str(ctx.workload.image),
                           "bytes": ctx.workload.nonzero_bytes})}
 
 
@@ -279,10 +280,12 @@ def run_qemu_load(ctx: RunContext, *, name: str, channels: int,
 
 
 def run_dd(ctx: RunContext, *, name: str, flags: tuple[str, ...]) -> dict[str, Measurement]:
-    """A disk floor: the image's non-zero bytes, one sequential stream."""
+    """A disk floor: as many bytes as the image has non-zero pages (read
+    from its start), one sequential stream."""
     out = ctx.workload.output("dd")
     try:
-        result = _dd(f"if={ctx.workload.nonzero_source}", f"of={out}", *flags)
+        result = _dd(f"if={ctx.workload.image}", f"of={out}",
+                     f"count={ctx.workload.nonzero_bytes}", "iflag=count_bytes", *flags)
         result["bytes_written"] = ctx.workload.nonzero_bytes
         return {name: result}
     finally:

@@ -10,8 +10,9 @@ incremental passes, or one of the floors they are held to:
   1 GiB run waited for large folios: the "floor" ran slower than a save);
 - ``read_floor``: the same runs pread from the restore source into a
   fresh all-zero shared-memory destination;
-- ``memcpy``: a plain copy of the non-zero bytes into populated memory,
-  the memory floor of anything that copies them once.
+- ``memcpy``: a plain copy of as many bytes as the image has non-zero
+  pages (from its start) into populated memory, the memory floor of
+  anything that copies them once.
 
     python -m bench.probe '{"op": "save", "image": ..., "out": ..., ...}'
 
@@ -186,7 +187,7 @@ def memcpy(spec: dict[str, Any]) -> dict[str, Any]:
     total = spec["bytes"]
     if not total:
         return {"seconds": 0.0}
-    source = _map(spec["nonzero_source"], total, write=False)
+    source = _map(spec["source"], total, write=False)
     source.madvise(_MADV_POPULATE_READ, 0, total)
     piece = min(total, _COPY_BUFFER)
     target = mmap.mmap(-1, piece)

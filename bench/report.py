@@ -10,8 +10,8 @@ Ratios are taken per round (each run divided by its peer's or floor's run
 of the same round, workload and regime, which met the same machine
 weather) and summarised as the median over rounds.  GB/s is always bytes
 of the image (1 GB = 10^9 bytes) per second, whatever the contender wrote:
-dd copies only the non-zero bytes, so its GB/s is the image throughput no
-saver can beat with one stream.
+dd copies only as many bytes as the image has non-zero pages, so its GB/s
+is the image throughput no saver can beat with one stream.
 """
 
 from __future__ import annotations

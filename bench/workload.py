@@ -81,11 +81,10 @@ def _mem_available() -> int:
 
 
 def shm_bytes_needed(size: int, zero_fraction: float) -> int:
-    """The image, the dd source (its non-zero bytes, unless the image has
-    no zero page: then the image itself) and one restore destination live
-    in shared memory at the same time."""
-    source = 0 if zero_fraction == 0 else size * (1 - zero_fraction)
-    return int(size * 2 + source) + (64 << 20)
+    """The image and one restore destination live in shared memory at the
+    same time (the floors read as many bytes as the image has non-zero
+    pages from the image's start: no second copy)."""
+    return size * 2 + (64 << 20)
 
 
 def check_room(size: int, zero_fraction: float) -> None:
@@ -108,10 +107,9 @@ class Workload:
     size: int
     zero_fraction: float  # asked for (random); measured, once built
     layout: str
-    shm_dir: Path      # image, dd source, restore destinations
+    shm_dir: Path      # image, restore destinations
     workdir: Path      # every file a contender writes
     image: Path
-    nonzero_source: Path
     nonzero_pages: int
 
     @property
@@ -161,8 +159,7 @@ def build(size: int, zero_fraction: float, workdir: str | os.PathLike | None,
     shm_dir = SHM_DIR / f"parallel-save-bench-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     shm_dir.mkdir()
     work = Path(tempfile.mkdtemp(prefix="parallel-save-bench-", dir=parent))
-    workload = Workload(size, zero_fraction, layout, shm_dir, work, shm_dir / "image.ram",
-                        shm_dir / "nonzero.ram", 0)
+    workload = Workload(size, zero_fraction, layout, shm_dir, work, shm_dir / "image.ram", 0)
     try:
         rng = np.random.default_rng(seed)
         zero = zero_pages(layout, workload.pages, zero_fraction, rng)
@@ -199,17 +196,12 @@ def zero_pages(layout: str, pages: int, zero_fraction: float,
 
 def _fill(workload: Workload, zero: np.ndarray, rng: np.random.Generator,
           sparse_data: bool) -> int:
-    """Write the image and, beside it, its non-zero pages back to back (the
-    bytes ``dd`` copies for the disk floors); returns how many pages are
-    non-zero.  With ``sparse_data`` a third of the data pages start with
-    1-3 KiB of zero words."""
+    """Write the image; returns how many pages are non-zero.  With
+    ``sparse_data`` a third of the data pages start with 1-3 KiB of zero
+    words."""
     words = PAGE_SIZE // 8
     nonzero_pages = 0
-    dense = not zero.any()
-    if dense:
-        workload.nonzero_source = workload.image  # no second copy of a dense image
-    with open(workload.image, "wb") as image, \
-            open(os.devnull if dense else workload.nonzero_source, "wb") as nonzero:
+    with open(workload.image, "wb") as image:
         for first in range(0, workload.pages, _FILL_PAGES):
             count = min(_FILL_PAGES, workload.pages - first)
             pages = rng.integers(0, 2**64, size=(count, words), dtype=np.uint64)
@@ -220,8 +212,6 @@ def _fill(workload: Workload, zero: np.ndarray, rng: np.random.Generator,
             here = zero[first:first + count]
             pages[here] = 0
             image.write(pages.data)
-            if not dense:
-                nonzero.write(pages[~here].data)
             nonzero_pages += count - int(here.sum())
     return nonzero_pages
 
