@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import mmap
 import os
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 
 import parallel_save as ps
 from parallel_save import files
+from parallel_save.blocks import BlockMapping
 from parallel_save.cli import main
 from parallel_save.files import data_runs, hole_runs, open_regular
 from parallel_save.format import (
@@ -111,6 +113,28 @@ def test_start_writeback_reaches_the_system_call(tmp_path):
         assert os.pread(fd, 16, MiB - 16) == b"x" * 16
     finally:
         os.close(fd)
+
+
+def test_a_block_mapping_advises_exactly_the_pages_asked(shm):
+    """Channels call madvise(2) through ctypes (BlockMapping.advise), which
+    lets go of the GIL where mmap.madvise holds it: the binding must reach
+    the pages asked, no others (MADV_REMOVE of pages 3-4 of a block with
+    data in every page makes exactly those read as zero), and report a
+    refusal."""
+    block = shm.block("ram0", 8, fill="garbage")
+    before = block.array.copy()
+    mapped = BlockMapping(block.source, writable=True)
+    try:
+        mapped.advise(mmap.MADV_REMOVE, 3, 2)
+        with pytest.raises(OSError) as refused:
+            mapped.advise(-1, 0, 1)
+        assert refused.value.errno == errno.EINVAL
+    finally:
+        mapped.close()
+    pages = block.array.reshape(8, PAGE_SIZE)
+    assert not pages[3:5].any()
+    expected = before.reshape(8, PAGE_SIZE)
+    assert np.array_equal(pages[:3], expected[:3]) and np.array_equal(pages[5:], expected[5:])
 
 
 @pytest.mark.parametrize("first, end", [(0, 1), (0, 8), (3, 5), (5, 19), (7, 64), (8, 16),

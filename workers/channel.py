@@ -331,15 +331,13 @@ class Channel:
         """Map the runs of pages in one system call each: a channel's
         mapping starts empty, and faulting it in page by page costs twice
         as much as the zero detection itself."""
-        if not self.can_populate or len(starts) > MAX_POPULATE_RUNS \
-                or self.blocks[block].mapping is None:
+        mapped = self.blocks[block]
+        if not self.can_populate or len(starts) > MAX_POPULATE_RUNS or mapped.mapping is None:
             return
         advice = _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ
-        mapping, skip = self.blocks[block].mapping, self.blocks[block].skip
         try:
             for start, end in zip(starts.tolist(), ends.tolist()):
-                mapping.madvise(advice, skip + (first + start) * PAGE_SIZE,
-                                (end - start) * PAGE_SIZE)
+                mapped.advise(advice, first + start, end - start)
         except OSError:
             self.can_populate = False  # an older kernel: let the pages fault
 
@@ -417,7 +415,8 @@ class Channel:
     def _one_window_ahead(self, windows, ahead, then) -> None:
         """Run ``ahead(window)`` on the look-ahead thread one window before
         ``then(window, what ahead returned)`` runs on this thread (numpy,
-        madvise and the file's system calls let go of the GIL)."""
+        madvise (BlockMapping.advise) and the file's system calls let go
+        of the GIL)."""
         pending = None  # (window, its work ahead under way)
         try:
             for work in windows:
@@ -669,12 +668,11 @@ class Channel:
         """Make these runs of a window zero by giving their pages back to
         the file (a hole reads as zero, and a sparse destination stays
         sparse); by writing zeros where the file system cannot."""
-        mapping, skip = self.blocks[block].mapping, self.blocks[block].skip
+        mapped = self.blocks[block]
         for start, end in zip(starts, ends):
             if self.can_remove:
                 try:
-                    mapping.madvise(mmap.MADV_REMOVE, skip + (first + start) * PAGE_SIZE,
-                                    (end - start) * PAGE_SIZE)
+                    mapped.advise(mmap.MADV_REMOVE, first + start, end - start)
                     continue
                 except OSError:
                     self.can_remove = False
