@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # The standard library's (same wire as multiprocess's): it imports fast,
 # which a channel started as a new interpreter waits for.
@@ -244,6 +244,16 @@ class RestoreWindow:
     clear_ends: np.ndarray
     own_pages: int
     present: np.ndarray
+    pieces: list[np.ndarray] = field(default_factory=list)  # see Channel._map_ahead
+
+
+# A window's mapping ahead comes in this many pieces, so that the reader,
+# done with the window before, can take over those not started.
+MAP_PIECES = 8
+
+
+def _store_zero(words: np.ndarray, pages: np.ndarray) -> None:
+    words[pages, 0] = 0
 
 
 def _pread(fd: int, buffer: memoryview, offset: int) -> int:
@@ -398,7 +408,9 @@ class Channel:
         if self.lookahead is not None and self.hasher is None:
             # The zero check of the next window runs while this one's pages
             # are written: the channel's one file writer never waits for it.
-            self._one_window_ahead(windows, self._detect, self._write_detected)
+            self._one_window_ahead(
+                windows, lambda work: [self.lookahead.submit(self._detect, work)],
+                lambda work, ahead: self._write_detected(work, ahead[0].result()))
             return
         for work in windows:
             self._populate(work.block, work.first, *work.dirty_runs, write=False)
@@ -412,26 +424,26 @@ class Channel:
                 nbytes, calls = self._write_found(work, written)
             self._account(work, written, nbytes, calls)
 
-    def _one_window_ahead(self, windows, ahead, then) -> None:
-        """Run ``ahead(window)`` on the look-ahead thread one window before
-        ``then(window, what ahead returned)`` runs on this thread (numpy,
-        madvise (BlockMapping.advise) and the file's system calls let go
-        of the GIL)."""
-        pending = None  # (window, its work ahead under way)
+    def _one_window_ahead(self, windows, start, then) -> None:
+        """``start(window)`` hands the look-ahead thread a window's work
+        (returns its futures) one window before ``then(window, futures)``
+        runs on this thread (numpy, madvise through BlockMapping.advise and
+        the file's system calls let go of the GIL)."""
+        pending = None  # (window, the futures of its work ahead)
         try:
             for work in windows:
-                future = self.lookahead.submit(ahead, work)
+                ahead = start(work)
                 if pending is not None:
-                    then(pending[0], pending[1].result())
-                pending = work, future
+                    then(*pending)
+                pending = work, ahead
             if pending is not None:
-                work, future = pending
+                work, ahead = pending
                 pending = None
-                then(work, future.result())
+                then(work, ahead)
         finally:
             if pending is not None:
                 # An error: the work ahead still reads memory; let it end first.
-                futures.wait([pending[1]])
+                futures.wait(pending[1])
 
     def _detect(self, work: SaveWindow) -> np.ndarray:
         self._populate(work.block, work.first, *work.dirty_runs, write=False)
@@ -609,15 +621,21 @@ class Channel:
         windows = (self._prepare_restore(*window) for window in self._windows(chunks))
         if self.lookahead is None:
             for work in windows:
-                self._ready_restore(work, False, zero_clear)
+                self._ready_restore(work)
                 self._read_window(work, zero_clear)
             return
-        # With a look-ahead thread, the next window's pages are mapped (the
-        # destination's pages allocated and cleared: half the work of a
-        # restore into fresh memory) while this thread reads the window before.
-        self._one_window_ahead(windows,
-                               lambda work: self._ready_restore(work, True, zero_clear),
-                               lambda work, _: self._read_window(work, zero_clear))
+        if zero_clear:
+            # A destination that may hold anything: the look-ahead thread
+            # populates the next window's runs while this one is read.
+            self._one_window_ahead(
+                windows, lambda work: [self.lookahead.submit(self._ready_restore, work)],
+                lambda work, ahead: (ahead[0].result(), self._read_window(work, True)))
+            return
+        # Into a destination known to be zero, the next window's present
+        # pages are mapped (allocated and cleared: half the work of such a
+        # restore) by the look-ahead thread while this one reads the window
+        # before, and by both where this thread is done first.
+        self._one_window_ahead(windows, self._map_ahead, self._read_mapped)
 
     def _prepare_restore(self, block: int, first: int, end: int, own: np.ndarray
                          ) -> RestoreWindow:
@@ -629,17 +647,37 @@ class Channel:
                              starts, ends, clear_starts, clear_ends,
                              int(np.count_nonzero(own)), present)
 
-    def _ready_restore(self, work: RestoreWindow, ahead: bool, zero_clear: bool) -> None:
+    def _ready_restore(self, work: RestoreWindow) -> None:
         """Map the pages that get bytes (only those: a destination known to
         be zero keeps its holes) and start reading the window's span."""
-        if ahead and not zero_clear:
-            # On the look-ahead thread, into a destination known to be zero:
-            # storing a zero into each page maps it with one fault in user
-            # space (no system call per run, unlike madvise), and changes
-            # nothing.  Faulting inside the pread costs the reader more.
-            work.words[np.flatnonzero(work.present), 0] = 0
-        else:
-            self._populate(work.block, work.first, work.starts, work.ends, write=True)
+        self._populate(work.block, work.first, work.starts, work.ends, write=True)
+        self._read_ahead(work)
+
+    def _map_ahead(self, work: RestoreWindow) -> list[futures.Future]:
+        """Hand the look-ahead thread the mapping of a window's present
+        pages, into a destination known to be zero, in MAP_PIECES pieces.
+        Storing a zero into each page maps it with one fault in user space
+        (no system call per run, unlike madvise) and changes nothing;
+        faulting inside the pread costs the reader more."""
+        self._read_ahead(work)
+        work.pieces = [piece for piece in np.array_split(np.flatnonzero(work.present),
+                                                         MAP_PIECES) if piece.size]
+        return [self.lookahead.submit(_store_zero, work.words, piece) for piece in work.pieces]
+
+    def _read_mapped(self, work: RestoreWindow, ahead: list[futures.Future]) -> None:
+        """Map the pieces the look-ahead thread has not started yet, from
+        the last back, while it goes on from the first (a dense window's
+        faults take longer than reading the window before); then read."""
+        for future, piece in zip(reversed(ahead), reversed(work.pieces)):
+            if not future.cancel():
+                break
+            _store_zero(work.words, piece)
+        for future in ahead:
+            if not future.cancelled():
+                future.result()
+        self._read_window(work, False)
+
+    def _read_ahead(self, work: RestoreWindow) -> None:
         if work.starts.size and not self.plan.direct_io:
             # One readahead for the window's whole span: the disk then
             # reads it in large requests instead of one per run.
