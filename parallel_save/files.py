@@ -104,13 +104,14 @@ def start_writeback(fd: int) -> None:
 _closers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
 
-def close_in_background(fd: int, name: str) -> None:
-    """Close ``fd`` on a thread of its own: the last close of a large
-    unlinked file frees its blocks, which can take seconds (ext4 with
-    discard), and the caller need not wait for that."""
+def close_in_background(fd: int, name: str) -> threading.Thread:
+    """Close ``fd`` on a thread of its own (returned, started): the last
+    close of a large unlinked file frees its blocks, which can take seconds
+    (ext4 with discard), and the caller need not wait for that."""
     closer = threading.Thread(target=os.close, args=(fd,), name=name, daemon=True)
     _closers.add(closer)
     closer.start()
+    return closer
 
 
 def other_threads() -> int:

@@ -359,20 +359,20 @@ def test_a_thread_closing_an_old_image_does_not_make_channels_spawned(shm, tmp_p
                                                                        monkeypatch):
     """A save over an image leaves a thread closing (freeing) the old one;
     the next save in the process still forks.  The thread is held in its
-    close by a lingering socket whose peer reads nothing."""
+    close by a lingering socket whose peer reads nothing, until the peer
+    closes."""
     monkeypatch.delenv("PARALLEL_SAVE_START_METHOD")  # the library's own default
     server = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(server.getsockname())
     peer, _ = server.accept()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 2))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 60))
     client.setblocking(False)
     with contextlib.suppress(BlockingIOError):
         while True:
             client.send(bytes(1 << 16))
-    close_in_background(client.detach(), "free old image")
+    closer = close_in_background(client.detach(), "free old image")
     block = shm.block("ram0", 256, fill=0.5)
     try:
-        closer = next(t for t in threading.enumerate() if t.name == "free old image")
         assert closer.is_alive()
         with ps.Saver(tmp_path / "vm.img", [block], channels=2) as saver:
             assert saver.start_method == "fork"
@@ -380,8 +380,10 @@ def test_a_thread_closing_an_old_image_does_not_make_channels_spawned(shm, tmp_p
             saver.complete()
         assert closer.is_alive()  # the save ran beside it
     finally:
-        peer.close()
+        peer.close()  # the lingering close ends
         server.close()
+    closer.join(10)
+    assert not closer.is_alive()
     assert image_bytes_equal(tmp_path / "vm.img", block)
 
 

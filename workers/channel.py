@@ -629,7 +629,7 @@ class Channel:
             # populates the next window's runs while this one is read.
             self._one_window_ahead(
                 windows, lambda work: [self.lookahead.submit(self._ready_restore, work)],
-                lambda work, ahead: (ahead[0].result(), self._read_window(work, True)))
+                self._read_populated)
             return
         # Into a destination known to be zero, the next window's present
         # pages are mapped (allocated and cleared: half the work of such a
@@ -676,6 +676,10 @@ class Channel:
             if not future.cancelled():
                 future.result()
         self._read_window(work, False)
+
+    def _read_populated(self, work: RestoreWindow, ahead: list[futures.Future]) -> None:
+        ahead[0].result()
+        self._read_window(work, True)
 
     def _read_ahead(self, work: RestoreWindow) -> None:
         if work.starts.size and not self.plan.direct_io:
