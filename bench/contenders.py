@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from parallel_save.channels import QUIET_BLAS
+
 from .memory import PeakRssAnon
 from .qemu import QemuVM
 from .workload import BenchError, Workload, remove
@@ -115,7 +117,7 @@ def _probe(spec: dict[str, Any], sample_memory: bool = False) -> Measurement:
     the timed call, which a long-running caller never sees."""
     process = subprocess.Popen([sys.executable, "-m", "bench.probe", json.dumps(spec)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+                               env={**os.environ, **QUIET_BLAS})
     if sample_memory:
         with PeakRssAnon(process.pid) as peak:
             out, err = process.communicate()
@@ -156,7 +158,10 @@ def _old_image(ctx: RunContext, path: Path) -> None:
     with open(ctx.workload.image, "rb") as source, open(path, "wb") as old:
         left = ctx.workload.nonzero_bytes
         while left:
-            left -= old.write(source.read(min(left, 4 << 20)))
+            piece = source.read(min(left, 4 << 20))
+            if not piece:
+                raise BenchError(f"{ctx.workload.image} ends before {left} more bytes")
+            left -= old.write(piece)
         old.flush()
         os.fsync(old.fileno())
 
