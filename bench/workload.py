@@ -80,17 +80,17 @@ def _mem_available() -> int:
     return 0
 
 
-def shm_bytes_needed(size: int, zero_fraction: float) -> int:
+def shm_bytes_needed(size: int) -> int:
     """The image and one restore destination live in shared memory at the
     same time (the floors read as many bytes as the image has non-zero
     pages from the image's start: no second copy)."""
     return size * 2 + (64 << 20)
 
 
-def check_room(size: int, zero_fraction: float) -> None:
+def check_room(size: int) -> None:
     """Refuse, before minutes of filling, an image this machine cannot hold
     (shared memory is RAM, and the written files fill the page cache too)."""
-    needed = shm_bytes_needed(size, zero_fraction)
+    needed = shm_bytes_needed(size)
     stat = os.statvfs(SHM_DIR)
     free = stat.f_bavail * stat.f_frsize
     available = _mem_available()
@@ -153,7 +153,7 @@ def build(size: int, zero_fraction: float, workdir: str | os.PathLike | None,
         raise BenchError(f"the zero fraction must be in [0, 1), not {zero_fraction}")
     if layout not in LAYOUTS:
         raise BenchError(f"unknown workload {layout!r} (one of {', '.join(LAYOUTS)})")
-    check_room(size, 0.0 if layout == "dense" else zero_fraction)
+    check_room(size)
     parent = Path(workdir) if workdir is not None else Path("/var/tmp")
     parent.mkdir(parents=True, exist_ok=True)
     shm_dir = SHM_DIR / f"parallel-save-bench-{os.getpid()}-{uuid.uuid4().hex[:12]}"
