@@ -15,12 +15,15 @@ with.  With ``--drop-caches`` (root) the page cache is dropped too before
 every durable run, and restores are measured cold as a durable regime:
 that empties the cache of the whole machine, everyone's, which is why it
 is asked for and never the default (the image itself lives in tmpfs and
-is never dropped).
+is never dropped).  With ``--steady-memory`` (root, on a virtual machine
+that hands free memory back to its host) no contender meets memory the
+host took back (bench/hostmemory.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import importlib.util
 import sys
@@ -32,6 +35,7 @@ import parallel_save as ps
 
 from . import report
 from .contenders import Contender, RunContext, lineup
+from .hostmemory import SteadyMemory, reporting_state
 from .probe import BLOCK
 from .qemu import qemu_supports_mapped_ram
 from .workload import (
@@ -114,6 +118,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "and measure restores cold too (root; without it the file "
                              "system is only synced and the durable regime runs with a "
                              "warm cache)")
+    parser.add_argument("--steady-memory", action="store_true",
+                        help="stop this virtual machine from handing free memory back to "
+                             "its host for the run (free page reporting; put back after) "
+                             "and touch the free memory once, so that no contender pays "
+                             "the host for pages another freed seconds before (root)")
     parser.add_argument("--outdir", type=Path, default=RESULTS,
                         help="where the JSON and PNG go (default bench/results/)")
     parser.add_argument("--workdir", type=Path,
@@ -203,6 +212,32 @@ def _run_rounds(workload: Workload, contenders: list[Contender], args: argparse.
     return records
 
 
+def _run_workloads(contenders: list[Contender], args: argparse.Namespace,
+                   ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, Any]]:
+    """Every round of every workload: the records, the images, the machine."""
+    records: list[dict[str, Any]] = []
+    images: dict[str, dict[str, Any]] = {}
+    machine: dict[str, Any] = {}
+    for size in args.sizes:
+        for layout in args.workloads:
+            _log(f"building a {size_text(size)} {layout} image")
+            workload = build(size, args.zero_fraction, args.workdir, args.seed, layout)
+            try:
+                machine = machine or report.machine(workload.workdir)
+                _log(f"image {workload.image}: {workload.zero_fraction:.0%} zero pages; "
+                     f"files in {workload.workdir} ({machine['workdir_fs']['type']}); "
+                     f"{len(contenders)} contenders x {args.runs} rounds")
+                images[workload.label] = {
+                    "layout": layout, "bytes": size, "pages": workload.pages,
+                    "nonzero_pages": workload.nonzero_pages,
+                    "zero_fraction": workload.zero_fraction,
+                    "image_path": str(workload.image), "workdir": str(workload.workdir)}
+                records += _run_rounds(workload, contenders, args)
+            finally:
+                workload.close()
+    return records, images, machine
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     notes = []
     qemu = not args.no_qemu
@@ -228,26 +263,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
              "with a warm cache"))
     args.outdir.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    records: list[dict[str, Any]] = []
-    images: dict[str, dict[str, Any]] = {}
-    machine = None
-    for size in args.sizes:
-        for layout in args.workloads:
-            _log(f"building a {size_text(size)} {layout} image")
-            workload = build(size, args.zero_fraction, args.workdir, args.seed, layout)
-            try:
-                machine = machine or report.machine(workload.workdir)
-                _log(f"image {workload.image}: {workload.zero_fraction:.0%} zero pages; "
-                     f"files in {workload.workdir} ({machine['workdir_fs']['type']}); "
-                     f"{len(contenders)} contenders x {args.runs} rounds")
-                images[workload.label] = {
-                    "layout": layout, "bytes": size, "pages": workload.pages,
-                    "nonzero_pages": workload.nonzero_pages,
-                    "zero_fraction": workload.zero_fraction,
-                    "image_path": str(workload.image), "workdir": str(workload.workdir)}
-                records += _run_rounds(workload, contenders, args)
-            finally:
-                workload.close()
+    reporting = reporting_state()
+    with contextlib.ExitStack() as stack:
+        if args.steady_memory:
+            _log("--steady-memory: touching the free memory once")
+            steady = stack.enter_context(SteadyMemory())
+            reporting["steady"] = steady.record()
+            notes.append(
+                f"--steady-memory: free page reporting stopped for the run; "
+                f"{steady.touched / (1 << 30):.1f} GiB of free memory touched first, "
+                f"{reporting['steady']['first_touch_us_per_page']} us per page "
+                f"(again at once: {reporting['steady']['second_touch_us_per_page']} us)")
+        elif reporting["active"]:
+            notes.append(
+                f"this machine hands free memory back to its host (free page reporting, "
+                f"order {reporting['order']}): the first touch of a page freed seconds "
+                f"before pays the host, unevenly, by what ran before (--steady-memory)")
+        records, images, machine = _run_workloads(contenders, args)
+    machine["free_page_reporting"] = reporting
     rows = report.summarise(records, {label: image["bytes"] for label, image in images.items()})
     targets = report.target_rows(records)
     stem = args.outdir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -258,7 +291,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "config": {"sizes": args.sizes, "workloads": args.workloads,
                    "regimes": args.regimes, "zero_fraction": args.zero_fraction,
                    "channels": args.channels, "runs": args.runs, "quick": args.quick,
-                   "qemu": qemu, "drop_caches": args.drop_caches, "only": args.only,
+                   "qemu": qemu, "drop_caches": args.drop_caches,
+                   "steady_memory": args.steady_memory, "only": args.only,
                    "seed": args.seed, "dirty_fractions": list(DIRTY_FRACTIONS),
                    "restore": "into fresh all-zero shared memory; parallel-save with "
                               "assume_zero=True (QEMU's own assumption)",

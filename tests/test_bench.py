@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import main, parse_args
+from bench.hostmemory import SteadyMemory, largest_order, reporting_state
 from bench.qemu import qemu_supports_mapped_ram
 from bench.report import MEMORY_TARGET, TARGETS
+from bench.workload import BenchError
 
 CHANNELS = 2
 WORKLOADS = ("random", "dense", "guest")
@@ -102,6 +104,7 @@ def test_json_records_the_machine(bench_run):
     assert machine["cores"] == os.cpu_count()
     assert machine["workdir_fs"]["type"] != "unknown"
     assert {"kernel", "qemu", "python", "numpy", "memory_bytes"} <= set(machine)
+    assert machine["free_page_reporting"] == reporting_state()
 
 
 def _table_rows(stdout: str) -> set[tuple[str, str, str, str, str]]:
@@ -182,3 +185,49 @@ def test_an_unknown_workload_is_refused(capsys):
     assert main(["--workloads", "random,sparse"]) == 2
     assert capsys.readouterr().err == (
         "bench: --workloads takes some of random, dense, guest, not 'sparse'\n")
+
+
+# --- memory the host takes back (bench/hostmemory.py) ----------------------
+
+BUDDY_LINE = "Node 0, zone   Normal   " + " ".join(["7"] * 11) + "\n"
+
+
+def test_the_largest_order_is_read_from_buddyinfo(tmp_path):
+    buddy_info = tmp_path / "buddyinfo"
+    buddy_info.write_text(BUDDY_LINE)
+    assert largest_order(buddy_info) == 10
+    assert largest_order() >= 9  # this machine's own
+
+
+def test_reporting_is_active_only_at_an_order_free_blocks_reach(tmp_path):
+    buddy_info = tmp_path / "buddyinfo"
+    buddy_info.write_text(BUDDY_LINE)
+    parameter = tmp_path / "page_reporting_order"
+    parameter.write_text("9\n")
+    assert reporting_state(parameter, buddy_info) == {"order": 9, "active": True}
+    parameter.write_text("11\n")
+    assert reporting_state(parameter, buddy_info) == {"order": 11, "active": False}
+    assert reporting_state(tmp_path / "absent", buddy_info) == {"order": None, "active": False}
+
+
+def test_steady_memory_raises_the_order_for_its_block_and_puts_it_back(tmp_path):
+    buddy_info = tmp_path / "buddyinfo"
+    buddy_info.write_text(BUDDY_LINE)
+    parameter = tmp_path / "page_reporting_order"
+    parameter.write_text("9\n")
+    with SteadyMemory(parameter, buddy_info, size=16 << 20) as steady:
+        assert parameter.read_text() == "11\n"
+        record = steady.record()
+    assert parameter.read_text() == "9\n"
+    assert record["touched_bytes"] == 16 << 20
+    assert record["first_touch_us_per_page"] > 0
+    assert record["second_touch_us_per_page"] > 0
+
+
+def test_steady_memory_without_the_parameter_is_refused_naming_it(tmp_path):
+    absent = tmp_path / "page_reporting_order"
+    with pytest.raises(BenchError) as caught:
+        SteadyMemory(absent).__enter__()
+    assert str(caught.value) == (
+        f"--steady-memory: {absent} is not writable (run as root on a machine with "
+        "free page reporting, or leave the option out)")
