@@ -227,6 +227,15 @@ def run_read_floor(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
         destination.unlink(missing_ok=True)
 
 
+def run_allocation_floor(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
+    destination = ctx.workload.destination()
+    try:
+        return {name: _probe({"op": "allocation_floor", "source": str(ctx.restore_source),
+                              "destination": str(destination), "size": ctx.workload.size})}
+    finally:
+        destination.unlink(missing_ok=True)
+
+
 def run_memcpy(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
     return {name: _probe({"op": "memcpy", "source": str(ctx.workload.image),
                           "bytes": ctx.workload.nonzero_bytes})}
@@ -315,6 +324,7 @@ def _dd(*operands: str) -> Measurement:
 
 WRITE_FLOOR = "one writer"
 READ_FLOOR = "one reader"
+ALLOCATION_FLOOR = "allocate pages"
 MEMORY_FLOOR = "memcpy"
 
 
@@ -384,7 +394,9 @@ def _restore_floors(regime: str) -> list[Contender]:
     return [Contender(READ_FLOOR, "restore", regime, None, functools.partial(
                 run_read_floor, name=READ_FLOOR), None, "dd read", core=True),
             Contender("dd read", "restore", regime, None, functools.partial(
-                run_dd_read, name="dd read"), None, None, core=True)]
+                run_dd_read, name="dd read"), None, None, core=True),
+            Contender(ALLOCATION_FLOOR, "restore", regime, None, functools.partial(
+                run_allocation_floor, name=ALLOCATION_FLOOR), None, None, core=True)]
 
 
 def lineup(channels: list[int], qemu: bool, regimes: tuple[str, ...] = ("warm", "durable"),

@@ -10,6 +10,11 @@ incremental passes, or one of the floors they are held to:
   1 GiB run waited for large folios: the "floor" ran slower than a save);
 - ``read_floor``: the same runs pread from the restore source into a
   fresh all-zero shared-memory destination;
+- ``allocation_floor``: a process per CPU storing a zero into its share of
+  the restore source's present pages of a fresh shared-memory destination:
+  what any restore pays to have those pages at all, before a byte is
+  copied (a page of shared memory is allocated and zeroed on its first
+  write);
 - ``memcpy``: a plain copy of as many bytes as the image has non-zero
   pages (from its start) into populated memory, the memory floor of
   anything that copies them once.
@@ -158,12 +163,18 @@ def write_floor(spec: dict[str, Any]) -> dict[str, Any]:
             "bytes_written": sum(ends) * PAGE_SIZE - sum(starts) * PAGE_SIZE}
 
 
-def read_floor(spec: dict[str, Any]) -> dict[str, Any]:
-    with ps.open_image(spec["source"]) as image:
+def _present_runs(source: str) -> tuple[int, list[int], list[int]]:
+    """The restore source's pages offset and its runs of present pages."""
+    with ps.open_image(source) as image:
         info = image.blocks[BLOCK]
         offset = info.layout.pages_offset
         edges = np.diff(np.concatenate(([0], info.bitmap.view(np.int8), [0])))
-    starts, ends = np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()
+    return (offset, np.flatnonzero(edges == 1).tolist(),
+            np.flatnonzero(edges == -1).tolist())
+
+
+def read_floor(spec: dict[str, Any]) -> dict[str, Any]:
+    offset, starts, ends = _present_runs(spec["source"])
     mapping = _map(spec["destination"], spec["size"], write=True)
     view = memoryview(mapping)
     fd = os.open(spec["source"], os.O_RDONLY)
@@ -179,6 +190,35 @@ def read_floor(spec: dict[str, Any]) -> dict[str, Any]:
         view.release()
         mapping.close()
     return {"seconds": seconds, "pages_read": sum(ends) - sum(starts)}
+
+
+def allocation_floor(spec: dict[str, Any]) -> dict[str, Any]:
+    _, starts, ends = _present_runs(spec["source"])
+    pages = np.concatenate([np.arange(start, end) for start, end in zip(starts, ends)]
+                           or [np.zeros(0, np.int64)])
+    cpus = len(os.sched_getaffinity(0))
+    shares = np.array_split(pages, cpus)  # each process its own part of the file
+    mapping = _map(spec["destination"], spec["size"], write=True)
+    destination = np.frombuffer(mapping, np.uint8)
+    started = time.perf_counter()
+    children = []
+    for share in shares:
+        child = os.fork()
+        if child == 0:
+            status = 1
+            try:
+                destination[share * PAGE_SIZE] = 0
+                status = 0
+            finally:
+                os._exit(status)
+        children.append(child)
+    failed = [pid for pid in children if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])]
+    seconds = time.perf_counter() - started
+    del destination
+    mapping.close()
+    if failed:
+        raise OSError(f"{len(failed)} of {cpus} processes failed to touch their pages")
+    return {"seconds": seconds, "pages_touched": int(pages.size), "processes": cpus}
 
 
 def memcpy(spec: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +241,8 @@ def memcpy(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 OPERATIONS = {"save": save, "passes": passes, "restore": restore, "tofile": tofile,
-              "write_floor": write_floor, "read_floor": read_floor, "memcpy": memcpy}
+              "write_floor": write_floor, "read_floor": read_floor,
+              "allocation_floor": allocation_floor, "memcpy": memcpy}
 
 
 def main(argv: list[str] | None = None) -> int:

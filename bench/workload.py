@@ -207,7 +207,9 @@ def _fill(workload: Workload, zero: np.ndarray, rng: np.random.Generator,
             pages = rng.integers(0, 2**64, size=(count, words), dtype=np.uint64)
             pages[:, -1] |= 1  # no page is zero by chance
             if sparse_data:
-                leading = rng.integers(0, 3, count) * rng.integers(128, 384, count)
+                # 128-383 words (1-3 KiB), never the whole page: a page
+                # zeroed here would be counted as data.
+                leading = (rng.integers(0, 3, count) == 0) * rng.integers(128, 384, count)
                 pages[np.arange(words) < leading[:, None]] = 0
             here = zero[first:first + count]
             pages[here] = 0

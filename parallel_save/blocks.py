@@ -20,6 +20,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from . import libc
 from .errors import BlockError
 from .format import PAGE_SIZE, check_block_length, check_block_name
 
@@ -220,13 +221,6 @@ class RamBlock:
         return cls(name, mapping)
 
 
-# madvise(2) through ctypes, which lets go of the GIL for the call;
-# mmap.madvise holds it, and populating a channel's window (2 ms for
-# 32 MiB) stopped the channel's other thread between two of its writes.
-_madvise = ctypes.CDLL(None, use_errno=True).madvise
-_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-
-
 class BlockMapping:
     """A block's bytes mapped in this process (a channel), without copying,
     and the descriptor of its file (for finding its holes); a private
@@ -255,11 +249,12 @@ class BlockMapping:
 
     def advise(self, advice: int, first_page: int, pages: int) -> None:
         """madvise(2) on ``pages`` pages of the block from ``first_page``,
-        without holding the GIL; OSError if the kernel refuses."""
-        if _madvise(self.array.ctypes.data + first_page * PAGE_SIZE, pages * PAGE_SIZE,
-                    advice) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, os.strerror(error))
+        without holding the GIL (mmap.madvise holds it, and populating a
+        channel's window, 2 ms for 32 MiB, stopped the channel's other thread
+        between two of its writes); OSError if the kernel refuses."""
+        if libc.madvise(self.array.ctypes.data + first_page * PAGE_SIZE, pages * PAGE_SIZE,
+                        advice) != 0:
+            raise libc.last_error()
 
     def close(self) -> None:
         if self.fd >= 0:

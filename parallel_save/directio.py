@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 
+from . import libc
 from .errors import DirectIOError
 from .format import PAGE_SIZE
 
@@ -29,12 +30,10 @@ def dio_alignment(fd: int) -> tuple[int, int] | None:
     """(memory alignment, offset alignment) the kernel reports for O_DIRECT
     on the open file ``fd``; (0, 0) if it does not support it; None if it
     cannot say."""
-    try:
-        statx = ctypes.CDLL(None, use_errno=True).statx
-    except AttributeError:
+    if libc.statx is None:
         return None
     buffer = ctypes.create_string_buffer(_STATX_SIZE)
-    if statx(fd, b"", _AT_EMPTY_PATH, _STATX_DIOALIGN, buffer) != 0:
+    if libc.statx(fd, b"", _AT_EMPTY_PATH, _STATX_DIOALIGN, buffer) != 0:
         return None
     raw = buffer.raw
     mask = int.from_bytes(raw[_STX_MASK:_STX_MASK + 4], "little")

@@ -10,7 +10,6 @@ path is never opened a second time.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -19,6 +18,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 
+from . import libc
 from .errors import FileError
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
@@ -77,15 +77,7 @@ def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY, *,
     return fd
 
 
-# sync_file_range(2), which Python's os module lacks: start writing a
-# file's dirty pages back without waiting for them.
 _SYNC_FILE_RANGE_WRITE = 2
-try:
-    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
-    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                                 ctypes.c_uint)
-except (OSError, AttributeError):
-    _sync_file_range = None
 
 
 def start_writeback(fd: int) -> None:
@@ -95,8 +87,8 @@ def start_writeback(fd: int) -> None:
     fdatasync (the file system starts by itself only once a tenth or so of
     the machine's memory is dirty).  Best effort: an error here is the
     fdatasync's to report."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+    if libc.sync_file_range is not None:
+        libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 # Threads of close_in_background: each does nothing but one close(2), so

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from . import libc
 from .artifacts import partial_name
 from .directio import check_direct_io_fd
 from .errors import DestinationError, FormatError, ImageWriteError
@@ -50,19 +51,15 @@ def _exchange(dir_fd: int, first: str, second: str) -> bool:
     """Swap two names of a directory in one step (renameat2 with
     RENAME_EXCHANGE); False where the C library, kernel or file system
     cannot, or ``second`` is gone."""
-    import ctypes
-
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except AttributeError:
+    if libc.renameat2 is None:
         return False
-    if renameat2(dir_fd, os.fsencode(first), dir_fd, os.fsencode(second),
+    if libc.renameat2(dir_fd, os.fsencode(first), dir_fd, os.fsencode(second),
                  _RENAME_EXCHANGE) == 0:
         return True
-    error = ctypes.get_errno()
-    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT):
+    error = libc.last_error(second)
+    if error.errno in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT):
         return False
-    raise OSError(error, os.strerror(error), second)
+    raise error
 
 
 class ImageFile:

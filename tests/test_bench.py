@@ -28,7 +28,7 @@ PS_CONTENDERS = {("warm", "save", "ps save"), ("durable", "save", "ps save"),
 FLOORS = {("warm", "save", "one writer"), ("warm", "save", "dd"), ("warm", "save", "memcpy"),
           ("durable", "save", "one writer"), ("durable", "save", "dd fdatasync"),
           ("durable", "save", "dd direct"), ("warm", "restore", "one reader"),
-          ("warm", "restore", "dd read")}
+          ("warm", "restore", "dd read"), ("warm", "restore", "allocate pages")}
 QEMU_CONTENDERS = {("warm", "save", "qemu multifd"), ("durable", "save", "qemu multifd"),
                    ("durable", "save", "qemu multifd direct"),
                    ("warm", "restore", "qemu load multifd")}
@@ -78,7 +78,7 @@ def test_no_run_failed(bench_run):
 
 def test_restored_bytes_equal_the_image(bench_run):
     restores = [r for r in bench_run["document"]["runs"]
-                if r["side"] == "restore" and r["contender"] != "dd read"]
+                if r["side"] == "restore" and r["contender"] not in ("dd read", "allocate pages")]
     assert {r["layout"] for r in restores} == set(WORKLOADS)
     assert all(r["verified"] for r in restores)
 
@@ -231,3 +231,13 @@ def test_steady_memory_without_the_parameter_is_refused_naming_it(tmp_path):
     assert str(caught.value) == (
         f"--steady-memory: {absent} is not writable (run as root on a machine with "
         "free page reporting, or leave the option out)")
+
+
+def test_the_allocation_floor_touches_exactly_the_present_pages(bench_run):
+    """The restores' allocation floor faults in the pages a restore must
+    fill (the image's non-zero pages), one process per CPU."""
+    images = bench_run["document"]["images"]
+    touched = {r["workload"]: (r["pages_touched"], r["processes"])
+               for r in bench_run["document"]["runs"] if r["contender"] == "allocate pages"}
+    assert touched == {label: (image["nonzero_pages"], len(os.sched_getaffinity(0)))
+                       for label, image in images.items()}

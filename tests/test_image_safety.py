@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import parallel_save as ps
-from parallel_save import files
+from parallel_save import files, libc
 from parallel_save.blocks import BlockMapping
 from parallel_save.cli import main
 from parallel_save.files import data_runs, hole_runs, open_regular
@@ -94,20 +94,30 @@ def test_data_runs_are_the_written_ranges_and_hole_runs_the_rest(tmp_path):
         os.close(fd)
 
 
+def test_a_failed_c_library_call_reports_its_errno_and_file(tmp_path):
+    """The C library's calls are bound once (parallel_save/libc.py); a
+    failed one's error is the errno it left, naming the file asked for."""
+    ctypes.set_errno(0)
+    assert libc.renameat2(-1, b"first", -1, b"second", 0) == -1
+    error = libc.last_error(str(tmp_path / "second"))
+    assert (error.errno, error.filename) == (errno.EBADF, str(tmp_path / "second"))
+    assert str(error) == f"[Errno {errno.EBADF}] Bad file descriptor: '{tmp_path / 'second'}'"
+
+
 def test_start_writeback_reaches_the_system_call(tmp_path):
     """A durable save starts writeback during its passes with
     sync_file_range(2), bound through ctypes: the binding must exist on
     Linux and pass its arguments through (a bad descriptor comes back as
     EBADF, a bad flag as EINVAL), and it writes nothing itself."""
-    assert files._sync_file_range is not None
+    assert libc.sync_file_range is not None
     ctypes.set_errno(0)
-    assert files._sync_file_range(-1, 0, 0, files._SYNC_FILE_RANGE_WRITE) == -1
+    assert libc.sync_file_range(-1, 0, 0, files._SYNC_FILE_RANGE_WRITE) == -1
     assert ctypes.get_errno() == errno.EBADF
     path = tmp_path / "dirty"
     path.write_bytes(b"x" * MiB)
     fd = os.open(path, os.O_RDWR)
     try:
-        assert files._sync_file_range(fd, 0, 0, 1 << 10) == -1
+        assert libc.sync_file_range(fd, 0, 0, 1 << 10) == -1
         assert ctypes.get_errno() == errno.EINVAL
         files.start_writeback(fd)
         assert os.pread(fd, 16, MiB - 16) == b"x" * 16

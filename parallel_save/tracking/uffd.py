@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .. import libc
 from ..blocks import RamBlock
 from ..format import PAGE_SIZE
 from .contract import DirtyPages, DirtyTracker, TrackingError, block_pages_of
@@ -92,17 +93,10 @@ _UFFDIO_UNREGISTER = _ior(0xAA, 0x01, ctypes.sizeof(_UffdioRange))
 _UFFDIO_WRITEPROTECT = _iowr(0xAA, 0x06, ctypes.sizeof(_UffdioWriteprotect))
 _PAGEMAP_SCAN = _iowr(ord("f"), 16, ctypes.sizeof(_PmScanArg))
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-_libc.ioctl.restype = ctypes.c_int
-
-
 def _ioctl(fd: int, request: int, argument: ctypes.Structure) -> int:
-    result = _libc.ioctl(fd, request, ctypes.addressof(argument))
+    result = libc.ioctl(fd, request, ctypes.addressof(argument))
     if result < 0:
-        number = ctypes.get_errno()
-        raise OSError(number, os.strerror(number))
+        raise libc.last_error()
     return result
 
 
@@ -112,7 +106,7 @@ def _open_userfaultfd() -> int:
         raise TrackingError(f"userfaultfd tracking is not wired up for {platform.machine()}")
     # User-mode faults only: all a write tracker needs, and allowed even
     # where vm.unprivileged_userfaultfd forbids the rest.
-    fd = _libc.syscall(number, os.O_CLOEXEC | os.O_NONBLOCK | _UFFD_USER_MODE_ONLY)
+    fd = libc.syscall(number, os.O_CLOEXEC | os.O_NONBLOCK | _UFFD_USER_MODE_ONLY)
     if fd < 0:
         code = ctypes.get_errno()
         why = {errno.ENOSYS: "this kernel has no userfaultfd",
