@@ -621,7 +621,14 @@ class Channel:
         windows = (self._prepare_restore(*window) for window in self._windows(chunks))
         if self.lookahead is None:
             for work in windows:
-                self._ready_restore(work)
+                if zero_clear:
+                    self._ready_restore(work)
+                else:
+                    # Into a destination known to be zero, pread faults the
+                    # pages in more cheaply than populating them first
+                    # (2 channels: dense 1 GiB 0.531 -> 0.498 s, guest-like
+                    # 0.217 -> 0.210 s; 8 channels guest-like 0.269 -> 0.250).
+                    self._read_ahead(work)
                 self._read_window(work, zero_clear)
             return
         if zero_clear:
