@@ -77,6 +77,7 @@ def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY, *,
     return fd
 
 
+# sync_file_range(2) flag: start writing the dirty pages back, wait for none.
 _SYNC_FILE_RANGE_WRITE = 2
 
 
