@@ -54,7 +54,7 @@ def _exchange(dir_fd: int, first: str, second: str) -> bool:
     if libc.renameat2 is None:
         return False
     if libc.renameat2(dir_fd, os.fsencode(first), dir_fd, os.fsencode(second),
-                 _RENAME_EXCHANGE) == 0:
+                      _RENAME_EXCHANGE) == 0:
         return True
     error = libc.last_error(second)
     if error.errno in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT):

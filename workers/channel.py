@@ -655,8 +655,9 @@ class Channel:
                              int(np.count_nonzero(own)), present)
 
     def _ready_restore(self, work: RestoreWindow) -> None:
-        """Map the pages that get bytes (only those: a destination known to
-        be zero keeps its holes) and start reading the window's span."""
+        """Map the pages that get bytes, one system call per run (a
+        destination that may hold anything: its other pages are given back
+        after the read), and start reading the window's span."""
         self._populate(work.block, work.first, work.starts, work.ends, write=True)
         self._read_ahead(work)
 
