@@ -359,10 +359,13 @@ def test_a_thread_closing_an_old_image_does_not_make_channels_spawned(shm, tmp_p
                                                                        monkeypatch):
     """A save over an image leaves a thread closing (freeing) the old one;
     the next save in the process still forks.  The thread is held in its
-    close by a lingering socket whose peer reads nothing, until the peer
-    closes."""
+    close by a lingering socket whose peer reads nothing (and takes no more
+    than its small buffer), until the peer closes."""
     monkeypatch.delenv("PARALLEL_SAVE_START_METHOD")  # the library's own default
     server = socket.create_server(("127.0.0.1", 0))
+    # A fixed, small receive buffer: with the kernel's autotuning the peer's
+    # buffer grows until it holds everything sent, and the close ends early.
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client = socket.create_connection(server.getsockname())
     peer, _ = server.accept()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 60))
