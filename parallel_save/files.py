@@ -15,6 +15,7 @@ import fcntl
 import os
 import stat
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 
@@ -100,10 +101,24 @@ _closers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 def close_in_background(fd: int, name: str) -> threading.Thread:
     """Close ``fd`` on a thread of its own (returned, started): the last
     close of a large unlinked file frees its blocks, which can take seconds
-    (ext4 with discard), and the caller need not wait for that."""
+    (ext4 with discard), and the caller need not wait for that.
+
+    Returns once the descriptor has left this process's table (the close
+    has begun), not when the close ends: a process forked before that
+    would inherit the descriptor, and the file would be freed when that
+    child exits (a channel's exit, which its save then waits for)."""
+    held = os.fstat(fd)
     closer = threading.Thread(target=os.close, args=(fd,), name=name, daemon=True)
     _closers.add(closer)
     closer.start()
+    while closer.is_alive():
+        try:
+            now = os.fstat(fd)
+        except OSError:
+            break  # the slot is empty: the close has begun
+        if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            break  # and the number was taken again since
+        time.sleep(0.0002)
     return closer
 
 
