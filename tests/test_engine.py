@@ -15,7 +15,7 @@ import pytest
 
 import parallel_save as ps
 from parallel_save.format import PAGE_SIZE
-from parallel_save.workers.channel import Turns
+from parallel_save.workers.channel import Turns, few_long_runs, page_runs
 
 # Block sizes in pages: one page, less than a chunk (512 pages), a chunk and
 # one page, and several chunks that do not end on a chunk boundary.
@@ -92,6 +92,51 @@ def test_round_trip_is_exact_after_random_passes(shm, tmp_path, channels):
     path = tmp_path / "vm.img"
     save_with_passes(path, blocks, passes=6, seed=channels, channels=channels)
     assert_restores_exactly(path, blocks, shm, channels=9 - channels)
+
+
+@pytest.mark.parametrize("pages, sliced", [
+    (np.arange(0, 600), True),                                   # one long run
+    (np.concatenate([np.arange(i, i + 40) for i in range(0, 4000, 400)]), True),
+    (np.arange(0, 4000, 400), False),                           # single pages
+    (np.concatenate([np.arange(i, i + 40) for i in range(0, 8000, 400)]), False),  # 20 runs
+])
+def test_only_a_few_long_runs_are_sliced(pages, sliced):
+    """Each sliced run costs numpy calls and, where channels take turns, a
+    turn: single pages are gathered instead."""
+    assert few_long_runs(pages, page_runs(pages)) is sliced
+
+
+@pytest.mark.parametrize("channels", [2, 8])
+def test_passes_over_windows_of_many_chunks_write_exactly_the_non_zero_dirty_pages(
+        shm, tmp_path, channels):
+    """A block of several windows (at 8 channels a window is 64 chunks,
+    8 of them a channel's own): a full pass, a sparse pass of single pages
+    (gathered) and a pass of a few long runs per window (checked and
+    written a step at a time), each writing exactly its non-zero dirty
+    pages, and the image restores byte for byte."""
+    block = shm.block("ram0", 200 << 8, fill=0.4, seed=channels)  # 200 MiB
+    pages = block.array.reshape(-1, PAGE_SIZE)
+    rng = np.random.default_rng(channels)
+    sparse = rng.random(block.pages) < 0.01
+    runs = np.zeros(block.pages, bool)
+    for start in range(1000, block.pages, 9000):
+        runs[start:start + 700] = True
+    with ps.Saver(tmp_path / "vm.img", [block], channels=channels) as saver:
+        saver.setup()
+        first = saver.iterate()
+        assert (first.pages_written, first.zero_pages) == (
+            int(nonzero_pages(block).sum()), block.pages - int(nonzero_pages(block).sum()))
+        for dirty in (sparse, runs):
+            chosen = np.flatnonzero(dirty)
+            pages[chosen[::3]] = 0
+            pages[chosen[1::3], 0] = 7
+            passed = saver.iterate({"ram0": dirty})
+            expected = int((dirty & nonzero_pages(block)).sum())
+            assert passed.dirty_pages == int(dirty.sum())
+            assert (passed.pages_written, passed.zero_pages) == (
+                expected, int(dirty.sum()) - expected)
+        saver.complete({})
+    assert_restores_exactly(tmp_path / "vm.img", [block], shm, channels=channels)
 
 
 @pytest.mark.parametrize("lookahead", ["0", "1"], ids=["one-thread", "look-ahead"])

@@ -118,16 +118,25 @@ def die_with_coordinator(plan: ChannelPlan) -> None:
 # A channel handles its chunks a window at a time: every numpy call then
 # covers up to 16 chunks (32 MiB), so a sparse pass (1 % dirty) costs a
 # few calls per window instead of a dozen per chunk.  Windows are whole
-# chunks, so a window's bits are whole bytes of the bitmaps.
+# chunks, so a window's bits are whole bytes of the bitmaps.  (At 1 and 2
+# channels; more channels get larger windows, see Channel.)
 WINDOW_PAGES = 16 * CHUNK_PAGES
 # The longest single pwrite/pread: large enough to stream, small enough to
 # report progress and to keep one call from holding the file for long.
 MAX_SPAN_PAGES = 2048
-# Populate runs one by one only while they are few; a sparse pass over
-# pages already mapped by an earlier pass needs none.
+# Populate runs one by one only while they are few and not mostly single
+# pages; a sparse pass over pages already mapped by an earlier pass needs
+# none.
 MAX_POPULATE_RUNS = 64
-# Zero detection reduces up to this many runs of a window in place.
+MIN_POPULATE_RUN_PAGES = 8
+# Zero detection reduces up to this many runs of a window in place, when
+# they average at least MIN_SLICED_RUN_PAGES: each run (and each step of
+# one) costs a few numpy calls and, where channels take turns, a turn.
+# Shorter runs are gathered.  A sparse pass at 8 channels gives each
+# window a dozen single pages: handled a page at a time, a 1 % pass of a
+# 1 GiB block took 50 ms instead of 15.
 MAX_SLICED_RUNS = 16
+MIN_SLICED_RUN_PAGES = 32
 # ... and writes them a step at a time, while the step is in the cache.
 # 512 KiB, as QEMU's multifd packets: the page cache gives a write folios
 # as large as the write (ext4), and with the cache full of other files,
@@ -143,6 +152,11 @@ if WINDOW_PAGES % CHUNK_PAGES or HASH_WINDOW_PAGES % CHUNK_PAGES:
     raise ImportError("a channel's windows must be whole chunks")
 
 
+def few_long_runs(pages: np.ndarray, runs: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether ``runs`` (of ``pages``) are better sliced than gathered."""
+    return len(runs[0]) <= MAX_SLICED_RUNS and pages.size >= len(runs[0]) * MIN_SLICED_RUN_PAGES
+
+
 def nonzero_pages(words: np.ndarray, pages: np.ndarray,
                   runs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Which of ``pages`` (sorted indexes into ``words``, one uint64 row per
@@ -150,7 +164,7 @@ def nonzero_pages(words: np.ndarray, pages: np.ndarray,
     Python.  A few long runs are reduced in place (no copy); many short
     runs, a sparse pass, are gathered first, and only the pages whose first
     word is zero are then read in full."""
-    if len(runs[0]) <= MAX_SLICED_RUNS:
+    if few_long_runs(pages, runs):
         return np.concatenate([step_nonzero(words[start:end]) for start, end in zip(*runs)]
                               or [np.zeros(0, bool)])
     found = words[pages, 0] != 0
@@ -280,7 +294,11 @@ class Channel:
         self.chunk_bases = np.asarray(plan.control.chunk_bases)
         self.block_pages = plan.control.block_pages
         self.bitmap_bases = plan.control.bitmap_bases
-        self.window_pages = WINDOW_PAGES
+        # Chunks are dealt round the channels, so a window of 16 chunks
+        # holds 16 / N of a channel's own: the window grows with the count
+        # to keep 8 of them (at 8 channels a 1 % pass took 40 ms with
+        # windows of 2 own chunks, 24 ms with 8; full passes alike).
+        self.window_pages = WINDOW_PAGES * max(1, plan.control.channels // 2)
         # With a core to spare, a second thread works a window ahead: zero
         # checks of a save, mapping the destination's pages of a restore.
         self.lookahead = (futures.ThreadPoolExecutor(1, "look-ahead")
@@ -344,6 +362,8 @@ class Channel:
         mapped = self.blocks[block]
         if not self.can_populate or len(starts) > MAX_POPULATE_RUNS or mapped.mapping is None:
             return
+        if int((ends - starts).sum()) < len(starts) * MIN_POPULATE_RUN_PAGES:
+            return  # a call per page or two costs what their faults cost
         advice = _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ
         try:
             for start, end in zip(starts.tolist(), ends.tolist()):
@@ -415,7 +435,7 @@ class Channel:
         for work in windows:
             self._populate(work.block, work.first, *work.dirty_runs, write=False)
             if (self.hasher is None and not self.plan.direct_io
-                    and len(work.dirty_runs[0]) <= MAX_SLICED_RUNS):
+                    and few_long_runs(work.dirty_pages, work.dirty_runs)):
                 written, nbytes, calls = self._write_nonzero(work.words, work.dirty_runs,
                                                              work.base)
             else:
@@ -571,7 +591,7 @@ class Channel:
         writer is saved torn, and hashes differently from memory at the next
         pass, which saves it again."""
         copy, hashes = self.copy[:words.shape[0]], self.hashes[:words.shape[0]]
-        if len(dirty_runs[0]) <= MAX_SLICED_RUNS:
+        if few_long_runs(dirty_pages, dirty_runs):
             # A few long runs: slices are plain memcpy (fancy indexing of
             # whole pages costs four times as much).
             for start, end in zip(dirty_runs[0].tolist(), dirty_runs[1].tolist()):
