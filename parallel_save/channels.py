@@ -281,6 +281,7 @@ class ChannelGroup:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._ready = False                   # every channel said READY
+        self.exiting = False                  # sent their last pass: no STOP needed
         self.holder: int | None = None        # a snapshot's holder process
         self.snapshot_pause = 0.0             # seconds the caller was stopped for it
 
@@ -395,28 +396,33 @@ class ChannelGroup:
     # --- passes ---
 
     def save_pass(self, dirty: Sequence[np.ndarray | None],
-                  progress: PassProgress | None = None) -> PassCounts:
+                  progress: PassProgress | None = None, last: bool = False) -> PassCounts:
         """Write each block's dirty pages (one bool per page; None: none)
-        at their fixed offsets, and wait until every channel is done."""
+        at their fixed offsets, and wait until every channel is done.
+        After the ``last`` pass the channels exit by themselves: awake
+        already, they tear down while the coordinator finishes the file,
+        instead of being woken one by one by stop() (at 8 channels on 2
+        CPUs the last woke 10 ms after the first)."""
         total = self._load_pass_bitmap([None if d is None else np.packbits(d, bitorder="little")
                                         for d in dirty])
         chunks = self._chunks_with_bits()
-        return self._run([(SAVE, shard) for shard in deal_chunks(chunks, self.count)],
-                         progress, total)
+        return self._run([(SAVE, shard, last) for shard in deal_chunks(chunks, self.count)],
+                         progress, total, last)
 
     def restore_pass(self, present: Sequence[np.ndarray], zero_clear: bool,
-                     progress: PassProgress | None = None) -> PassCounts:
+                     progress: PassProgress | None = None, last: bool = False) -> PassCounts:
         """Read each block's present pages (``present``: the image's packed
         bitmaps, as on disk) into the destinations; zero the clear pages
-        unless the destinations are known to be zero."""
+        unless the destinations are known to be zero.  ``last`` as for
+        save_pass."""
         present_pages = self._load_pass_bitmap(present)
         if zero_clear:
             chunks = np.arange(self.control.layout.chunks)
             total = sum(self.control.layout.block_pages)
         else:  # only chunks with pages to read: an empty image costs nothing
             chunks, total = self._chunks_with_bits(), present_pages
-        return self._run([(RESTORE, shard, zero_clear)
-                          for shard in deal_chunks(chunks, self.count)], progress, total)
+        return self._run([(RESTORE, shard, zero_clear, last)
+                          for shard in deal_chunks(chunks, self.count)], progress, total, last)
 
     def file_bitmaps(self) -> list[np.ndarray]:
         """Each block's bitmap of pages in the file, in QEMU's packed words:
@@ -501,9 +507,10 @@ class ChannelGroup:
         return np.concatenate(found)
 
     def _run(self, messages: list[tuple], progress: PassProgress | None,
-             total: int) -> PassCounts:
+             total: int, last: bool) -> PassCounts:
         if not self._ready:
             self._wait_ready()
+        self.exiting = last
         counters = self.control.counters
         before = counters.sum(axis=0)
 
@@ -585,7 +592,7 @@ class ChannelGroup:
                 if process.is_alive():
                     if force:
                         process.kill()
-                    else:
+                    elif not self.exiting:
                         self._send(number, (STOP,))
             deadline = time.monotonic() + STOP_GRACE
             for process in self.processes:

@@ -55,8 +55,9 @@ if CHUNK_PAGES % 64:
 
 # Messages, coordinator to channel (pickled tuples of a few hundred bytes:
 # chunk numbers, never page bytes).
-SAVE = "save"          # (SAVE, chunks): write the dirty pages of these chunks
-RESTORE = "restore"    # (RESTORE, chunks, zero_clear): read the present pages
+SAVE = "save"          # (SAVE, chunks, last): write the dirty pages of these chunks
+RESTORE = "restore"    # (RESTORE, chunks, zero_clear, last): read the present pages
+                       # (last: the channel exits once it has answered, as after STOP)
 STOP = "stop"          # (STOP,): close everything and exit
 SWITCH = "switch"      # (SWITCH, hash table), then a descriptor on the connection:
                        # work on this image file from now on (a checkpoint's other

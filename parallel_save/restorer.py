@@ -102,7 +102,7 @@ def restore(path: str | os.PathLike | Image, into: Destination,
                 if on_progress is not None:
                     on_progress("restore", done, total)
 
-            counts = group.restore_pass(present, not assume_zero, progress)
+            counts = group.restore_pass(present, not assume_zero, progress, last=True)
             stats = RestoreStats(path, channels, counts.pages_read, counts.pages_zeroed,
                                  counts.pages_read * PAGE_SIZE,
                                  channel_stats=group.channel_stats())

@@ -298,7 +298,7 @@ class Saver:
         pages = self._check_dirty(self._collected(dirty, final=True))
         self.state = "failed"
         started = time.perf_counter()
-        self._pass("complete", pages)
+        self._pass("complete", pages, last=True)
         bitmaps = self._group.file_bitmaps()
         present = [int(np.bitwise_count(bits).sum(dtype=np.int64)) for bits in bitmaps]
         self.stats.pages_present = sum(present)
@@ -414,7 +414,8 @@ class Saver:
             return [np.ones(b.pages, dtype=bool) for b in self.blocks]
         return check_dirty_set(self.blocks, dirty)
 
-    def _pass(self, phase: str, dirty: list[np.ndarray | None]) -> PassStats:
+    def _pass(self, phase: str, dirty: list[np.ndarray | None],
+              last: bool = False) -> PassStats:
         started = time.perf_counter()
 
         def progress(done: int, total: int) -> None:
@@ -425,7 +426,7 @@ class Saver:
                 self.on_progress(phase, done, total)
             self._publish(phase=phase, pass_pages_done=done, pass_pages=total)
 
-        counts = self._group.save_pass(dirty, progress)
+        counts = self._group.save_pass(dirty, progress, last)
         dirty_pages = sum(int(np.count_nonzero(d)) for d in dirty if d is not None)
         result = PassStats(len(self.stats.passes) + 1, dirty_pages, counts.pages_written,
                            counts.zero_pages, counts.bytes_written,

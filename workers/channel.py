@@ -787,6 +787,8 @@ def channel_main(number: int, conn, plan: ChannelPlan) -> None:
             else:
                 raise ValueError(f"unknown message {message[0]!r}")
             conn.send_bytes(pickle.dumps((DONE,)))
+            if message[-1]:
+                break  # the last pass: exit as after STOP
     except (EOFError, BrokenPipeError):
         pass  # the coordinator is gone: nothing to report to
     except BaseException as error:  # noqa: BLE001 -- reported, then the coordinator stops us
