@@ -199,6 +199,11 @@ class ProgressBar:
     def _start(self, phase: str, pages: bool, total: int) -> None:
         from tqdm import tqdm
 
+        # No monitor thread (it only fixes bars updated too rarely; ours are
+        # updated every tenth of a second): a thread left running makes the
+        # next save or restore in the process start its channels as new
+        # interpreters instead of forking them (channels.choose_start_method).
+        tqdm.monitor_interval = 0
         self.close()
         self._phase = phase
         if pages:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import sysconfig
 import termios
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -217,6 +218,18 @@ def test_progress_bar_shows_every_phase_by_name_in_powers_of_1000(capsys):
     assert -1 not in [shown.find(label) for label in labels]
     # 2000 pages are 8,192,000 bytes: 8.19 MB (10^6), as the summary's GB are 10^9.
     assert "/8.19M " in shown and "B/s" in shown
+
+
+def test_progress_bar_starts_no_thread(capsys):
+    """tqdm's monitor thread would outlive the bar, and a process with a
+    thread starts the channels of its next save as new interpreters."""
+    before = set(threading.enumerate())
+    with ProgressBar(True) as bar:
+        bar("iterate", 0, 100)
+        bar("iterate", 50, 100)
+        assert set(threading.enumerate()) == before
+    assert set(threading.enumerate()) == before
+    assert "pass 1: " in capsys.readouterr().err
 
 
 # --- restore ---

@@ -392,7 +392,7 @@ def test_a_thread_closing_an_old_image_does_not_make_channels_spawned(shm, tmp_p
         # during the save).
         assert closer.is_alive()
         with saver:
-            assert saver.start_method == "fork"
+            assert saver.start_method == "fork", threading.enumerate()
             saver.setup()
             saver.complete()
     finally:
