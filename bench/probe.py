@@ -5,9 +5,10 @@ incremental passes, or one of the floors they are held to:
   non-zero pages at their offsets in a new file, from a mapping already
   populated (as a VM's memory is), nothing else: no zero check, no
   bitmap, no header (runs found before the clock starts), each run in
-  pieces of at most 512 KiB (ext4 gives a buffered write folios as large as
-  the write, and with the page cache full a dense image written as one
-  1 GiB run waited for large folios: the "floor" ran slower than a save);
+  pieces of at most 2 MiB, the largest write of a one-pass save (ext4
+  gives a buffered write folios as large as the write; an image written
+  as one 1 GiB run waited for large folios: the "floor" ran slower than a
+  save);
 - ``read_floor``: the same runs pread from the restore source into a
   fresh all-zero shared-memory destination;
 - ``allocation_floor``: a process per CPU storing a zero into its share of
@@ -46,11 +47,12 @@ BLOCK = "ram0"  # QEMU's name for the RAM of "-M none" with backend id ram0
 PAGE_SIZE = 4096
 _MADV_POPULATE_READ = 22
 _MADV_POPULATE_WRITE = 23
-# The floors' first page goes one page into their file, as an image's
-# pages region starts after its header.
-_FLOOR_BASE = PAGE_SIZE
-# The one-writer floor's largest write: 512 KiB (see write_floor above).
-_FLOOR_PIECE_PAGES = 128
+# The floors' first page goes 1 MiB into their file, where an image's
+# pages region of a first block starts (1 MiB aligned, after the header):
+# the same alignment, so the same folios.
+_FLOOR_BASE = 1 << 20
+# The one-writer floor's largest write: 2 MiB (see write_floor above).
+_FLOOR_PIECE_PAGES = 512
 # The memory floor's target: far larger than any cache.
 _COPY_BUFFER = 512 << 20
 

@@ -106,6 +106,24 @@ def test_only_a_few_long_runs_are_sliced(pages, sliced):
     assert few_long_runs(pages, page_runs(pages)) is sliced
 
 
+def test_a_last_pass_writes_in_larger_steps_than_one_that_may_be_written_over(
+        shm, tmp_path):
+    """ext4 makes a buffered write's new page cache folios as large as the
+    write, and later writes into a folio cost in proportion to its size: a
+    pass that later passes may write over goes 512 KiB (128 pages) at a
+    time, the last pass (all of a one-pass save) 2 MiB."""
+    block = shm.block("ram0", 4096, fill="garbage")  # dense, 16 MiB
+    stats = ps.save(tmp_path / "one-pass.img", [block], channels=1)
+    assert sum(c.write_calls for c in stats.channel_stats) == 4096 // 512
+    with ps.Saver(tmp_path / "passes.img", [block], channels=1) as saver:
+        saver.setup()
+        saver.iterate()
+        assert sum(c.write_calls for c in saver.stats.channel_stats) == 4096 // 128
+        saver.complete({})
+    for name in ("one-pass.img", "passes.img"):
+        assert_restores_exactly(tmp_path / name, [block], shm, channels=1)
+
+
 @pytest.mark.parametrize("channels", [2, 8])
 def test_passes_over_windows_of_many_chunks_write_exactly_the_non_zero_dirty_pages(
         shm, tmp_path, channels):
