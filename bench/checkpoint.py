@@ -2,6 +2,7 @@
 against a cold ``ps.save`` of the same memory, measured side by side.
 
     python -m bench.checkpoint --size 4G --channels 2 --runs 3 [--dir DIR] [--sync]
+        [--steady-memory]
 
 Each round, in turn: a cold ``ps.save`` (channels started, mappings and
 file opened: everything paid again), a full checkpoint with warm channels
@@ -23,6 +24,7 @@ directory under /var/tmp, on the root disk).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import shutil
 import statistics
@@ -34,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 import parallel_save as ps
+
+from .hostmemory import SteadyMemory
 
 PAGE_SIZE = 4096
 GIB = 1 << 30
@@ -129,17 +133,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="fraction of pages changed between checkpoints (default 0.01)")
     parser.add_argument("--dir", default="/var/tmp", help="where the images go")
     parser.add_argument("--sync", action="store_true", help="durable regime (fdatasync)")
+    parser.add_argument("--steady-memory", action="store_true",
+                        help="stop free page reporting for the run and touch the free "
+                             "memory first, as python -m bench --steady-memory (root)")
     args = parser.parse_args(argv)
     units = {"M": 1 << 20, "G": GIB}
     size = int(float(args.size[:-1]) * units[args.size[-1].upper()])
     directory = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=args.dir))
     try:
-        times = run(size, args.channels, args.runs, directory, args.sync, args.dirty)
-        snap = snapshot(size, args.channels, directory, args.sync)
+        with SteadyMemory() if args.steady_memory else contextlib.nullcontext():
+            times = run(size, args.channels, args.runs, directory, args.sync, args.dirty)
+            snap = snapshot(size, args.channels, directory, args.sync)
     finally:
         shutil.rmtree(directory)
     regime = "durable (fdatasync)" if args.sync else "warm page cache, no fdatasync"
-    print(f"checkpoints of {args.size}, {args.channels} channels, {regime}, "
+    steady = ", steady memory" if args.steady_memory else ""
+    print(f"checkpoints of {args.size}, {args.channels} channels, {regime}{steady}, "
           f"median of {args.runs} alternating rounds")
     cold = times["cold save"]
     for name, values in times.items():

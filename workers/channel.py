@@ -303,7 +303,7 @@ class Channel:
         # Chunks are dealt round the channels, so a window of 16 chunks
         # holds 16 / N of a channel's own: the window grows with the count
         # to keep 8 of them (at 8 channels a 1 % pass took 40 ms with
-        # windows of 2 own chunks, 24 ms with 8; full passes alike).
+        # windows of 2 own chunks, 24 ms with 8; full passes took the same).
         self.window_pages = WINDOW_PAGES * max(1, plan.control.channels // 2)
         # With a core to spare, a second thread works a window ahead: zero
         # checks of a save, mapping the destination's pages of a restore.
@@ -427,6 +427,8 @@ class Channel:
     # --- save ---
 
     def save(self, chunks: np.ndarray, last: bool) -> None:
+        """Write the dirty pages of these chunks; ``last``: no pass will
+        write into the file after this one (the step size: STEP_PAGES)."""
         self.step_pages = LAST_PASS_STEP_PAGES if last else STEP_PAGES
         # Per block, how far the file is known to hold data (no holes): a
         # channel's windows come in ascending order, so each part of the
