@@ -29,14 +29,15 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import multiprocess
 import numpy as np
 from multiprocess import reduction
 from multiprocess.connection import Connection, wait
 
+from . import libc
 from .blocks import BlockSource
 from .control import (
     BYTES_WRITTEN,
@@ -256,6 +257,64 @@ class ForeignChannel:
             self.sentinel = -1
 
 
+class ForkedChannel(ForeignChannel):
+    """A channel forked from this process: a foreign channel that is ours
+    to reap, and whose exit status is ours to see.  Forked directly, not
+    as a ``multiprocess.Process``, whose bookkeeping (pipes, finalizers,
+    after-fork hooks) cost each channel about 1 ms of CPU in the child and
+    as much again here: at 8 channels on 2 cores, setup took 22-24 ms
+    instead of 26-30."""
+
+    def __init__(self, number: int, plan: ChannelPlan) -> None:
+        # What this process has buffered would be written twice, if the
+        # child ever flushed its copy (a traceback on stderr).
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None and not stream.closed:
+                stream.flush()
+        ours, theirs = socket.socketpair()
+        try:
+            pid = os.fork()
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            status = 1
+            try:
+                ours.close()
+                _channel(number, Connection(theirs.detach()), plan)
+                status = 0
+            except BaseException:  # noqa: BLE001 -- what the channel could not report
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        theirs.close()
+        self._exitcode: int | None = None
+        try:
+            super().__init__(number, pid)
+        except BaseException:  # no pidfd (out of descriptors): no channel
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            ours.close()
+            raise
+        self.connection = Connection(ours.detach())
+
+    @property
+    def exitcode(self) -> int | None:
+        if self._exitcode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return None  # reaped by someone else's wait: not ours to see
+            if pid:
+                self._exitcode = os.waitstatus_to_exitcode(status)
+        return self._exitcode
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        self.exitcode  # noqa: B018 -- reaps it once it has ended
+
+
 @dataclass(frozen=True)
 class PassCounts:
     """What one pass did, summed over the channels."""
@@ -314,7 +373,6 @@ class ChannelGroup:
         return group
 
     def start(self, method: str, image_fd: int) -> None:
-        context = multiprocess.get_context("fork")
         try:
             # A Ctrl-C raised inside fork's Python hooks would be swallowed
             # there ("Exception ignored"), and leave logging's lock taken:
@@ -323,19 +381,10 @@ class ChannelGroup:
                 if method == "snapshot":
                     self._start_snapshot()
                 for number in range(self.count if method != "snapshot" else 0):
-                    if method == "spawn":
-                        process = SpawnedChannel(number, self.plan)
-                        ours = process.connection
-                    else:
-                        ours, theirs = context.Pipe(duplex=True)
-                        process = context.Process(target=_channel,
-                                                  args=(number, theirs, self.plan),
-                                                  name=f"parallel-save channel {number}",
-                                                  daemon=True)
-                        process.start()
-                        theirs.close()
+                    process = (SpawnedChannel if method == "spawn" else ForkedChannel)(
+                        number, self.plan)
                     self.processes.append(process)
-                    self.connections.append(ours)
+                    self.connections.append(process.connection)
                 for ours, process in zip(self.connections, self.processes):
                     # Over the connection's socket (SCM_RIGHTS): the channel
                     # works on the very file the coordinator checked.
@@ -366,6 +415,7 @@ class ChannelGroup:
         if holder == 0:  # the holder: its memory is the snapshot
             status = 1
             try:
+                libc.set_process_name("ps snapshot")
                 os.close(report_read)
                 plan = dataclasses.replace(self.plan, parent=os.getpid())
                 pids = [_fork_channel(number, pairs, plan, report_write)

@@ -4,9 +4,9 @@ argument types on one of them would override each other).
 
 sync_file_range(2) (start a file's writeback), madvise(2) (mmap.madvise
 holds the GIL for the call; a call through ctypes lets go of it), statx(2)
-(O_DIRECT's alignment), renameat2(2) (swapping two names), and syscall(2)
-and ioctl(2) for userfaultfd.  Each is None where this C library lacks it,
-and its caller falls back.  The failed call's error is :func:`last_error`.
+(O_DIRECT's alignment), renameat2(2) (swapping two names), syscall(2) and
+ioctl(2) for userfaultfd, and prctl(2) (naming a process).  Each is None
+where this C library lacks it, and its caller falls back.  The failed call's error is :func:`last_error`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ syscall = _bind("syscall")
 if syscall is not None:
     syscall.restype = ctypes.c_long  # a descriptor, or -1
 ioctl = _bind("ioctl", (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p))
+prctl = _bind("prctl", (ctypes.c_int, ctypes.c_char_p))
+_PR_SET_NAME = 15
 
 
 def last_error(filename: str | None = None) -> OSError:
@@ -45,3 +47,10 @@ def last_error(filename: str | None = None) -> OSError:
     if filename is None:
         return OSError(error, os.strerror(error))
     return OSError(error, os.strerror(error), filename)
+
+
+def set_process_name(name: str) -> None:
+    """Name the calling thread, the process where it is the main one: what
+    ps(1), top(1) and /proc/<pid>/comm show (15 bytes at most)."""
+    if prctl is not None:
+        prctl(_PR_SET_NAME, name.encode()[:15])

@@ -44,7 +44,8 @@ def _import_the_installed_package_first() -> None:
 
 _import_the_installed_package_first()
 
-import multiprocess
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 
@@ -130,14 +131,39 @@ def leftover_segments() -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
 
 
+class ChildProcess(NamedTuple):
+    pid: int
+    name: str  # its /proc/<pid>/comm
+
+
+def channel_processes() -> list[ChildProcess]:
+    """This process's channel processes, running or not yet reaped, as the
+    kernel lists the children of each of its threads: channels name
+    themselves "ps channel N"; a snapshot's channels are children of its
+    holder, "ps snapshot", which is listed for them."""
+    found = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            children = Path(f"/proc/self/task/{task}/children").read_text().split()
+        except FileNotFoundError:
+            continue  # the thread ended
+        for pid in children:
+            try:
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+            except FileNotFoundError:
+                continue  # reaped meanwhile
+            if name.startswith(("ps channel ", "ps snapshot")):
+                found.append(ChildProcess(int(pid), name))
+    return found
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Every test leaves no channel process and no control segment behind
     (docs/DESIGN.md, invariant 6)."""
     before = set(leftover_segments())
     yield
-    children = [p for p in multiprocess.active_children()
-                if p.name.startswith("parallel-save channel")]
+    children = channel_processes()
     assert not children, f"channel processes left behind: {children}"
     assert set(leftover_segments()) <= before, "control segment left in /dev/shm"
 

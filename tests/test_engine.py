@@ -12,6 +12,7 @@ import uuid
 import multiprocess
 import numpy as np
 import pytest
+from conftest import channel_processes
 
 import parallel_save as ps
 from parallel_save.format import PAGE_SIZE
@@ -33,11 +34,6 @@ def open_fds() -> set[str]:
     with ``<=``: what it opened is closed again."""
     gc.collect()
     return set(os.listdir("/proc/self/fd"))
-
-
-def channel_processes() -> list:
-    return [p for p in multiprocess.active_children()
-            if p.name.startswith("parallel-save channel")]
 
 
 def nonzero_pages(block: ps.RamBlock) -> np.ndarray:
@@ -338,7 +334,8 @@ def test_close_leaves_no_process_segment_or_fd(shm, tmp_path):
     saver = ps.Saver(tmp_path / "vm.img", [block], channels=4)
     saver.setup()
     saver.iterate()
-    assert len(channel_processes()) == 4
+    # Named as ps(1) shows them, not after their coordinator.
+    assert sorted(p.name for p in channel_processes()) == [f"ps channel {n}" for n in range(4)]
     saver.close()
     assert channel_processes() == []
     assert open_fds() <= before

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import mounted
-from test_engine import channel_processes, open_fds
+from conftest import channel_processes, mounted
+from test_engine import open_fds
 
 import parallel_save as ps
 from parallel_save.format import PAGE_SIZE
@@ -457,7 +457,6 @@ def test_io_error_on_sync_is_reported_with_the_path(shm, failing_disk):
 # holds the frames of the pass, and they the control segment's mapping).
 SAVE_UNTIL_STOPPED = textwrap.dedent("""
     import json, os, sys
-    import multiprocess
     import parallel_save as ps
     from parallel_save.signals import terminate_cleanly
 
@@ -476,7 +475,8 @@ SAVE_UNTIL_STOPPED = textwrap.dedent("""
         stopped_by = f"SystemExit({stop.code})"
     print(json.dumps({
         "stopped_by": stopped_by,
-        "channels": [p.pid for p in multiprocess.active_children()],
+        "channels": [pid for task in os.listdir("/proc/self/task") for pid in
+                     open(f"/proc/self/task/{task}/children").read().split()],
         "fds": sorted(set(os.listdir("/proc/self/fd")) - fds),
         "segments": [n for n in os.listdir("/dev/shm")
                      if n.startswith(f"parallel-save-{os.getpid()}-")],

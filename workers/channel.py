@@ -35,6 +35,7 @@ from multiprocessing import reduction
 
 import numpy as np
 
+from .. import libc
 from ..blocks import BlockMapping
 from ..control import (
     BUSY_NS,
@@ -766,6 +767,9 @@ def _describe(error: BaseException) -> str:
 
 def channel_main(number: int, conn, plan: ChannelPlan) -> None:
     """The channel process's whole life."""
+    # As ps(1) and top(1) show it: a forked channel would otherwise bear
+    # its coordinator's name.
+    libc.set_process_name(f"ps channel {number}")
     die_with_coordinator(plan)
     # Ctrl-C reaches the whole process group; the coordinator alone decides
     # how to stop, so a channel never dies half-way through a write on it.
