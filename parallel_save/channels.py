@@ -130,12 +130,12 @@ def lookahead(count: int) -> bool:
 
 
 def take_turns(count: int) -> bool:
-    """Whether ``count`` channels of a buffered save take turns at writing
-    the file (workers/channel.py, Turns): whenever more than one writes.
-    The kernel lets one buffered writer at a time into a file anyway; with
-    turns the others check their next pages for zeros, or sleep, instead of
-    spinning for it: the same time, less CPU taken from the machine (a
-    guest still running, say)."""
+    """Whether ``count`` channels of a buffered save or restore take turns
+    at writing a file (workers/channel.py, Turns): whenever more than one
+    writes.  The kernel lets one buffered writer at a time into a file
+    anyway; with turns the others check their next pages for zeros (a
+    save) or read into their mapping of the destination (a restore), or
+    sleep, instead of spinning for it."""
     pinned = os.environ.get("PARALLEL_SAVE_TURNS")
     if pinned:
         return pinned == "1"
@@ -367,7 +367,7 @@ class ChannelGroup:
         plan = ChannelPlan(image_name, writing, direct_io, tuple(sources),
                            tuple(pages_offsets), layout, os.getpid(), os.getpid(),
                            lookahead=lookahead(count),
-                           turns=writing and not direct_io and take_turns(count))
+                           turns=not direct_io and take_turns(count))
         group = cls(count, plan, control)
         group.start(method, image_fd)
         return group

@@ -78,7 +78,8 @@ PAGES_DONE = 6       # pages handled so far (dirty pages of a save, all of a res
 BUSY_NS = 7          # time spent working on shards
 SHARDS_DONE = 8
 UNCHANGED_PAGES = 9  # hash tracker: dirty pages skipped, their hash unchanged
-COUNTERS = 10
+PAGES_SENT = 10      # restore: of PAGES_READ, copied into the destination's file
+COUNTERS = 11
 
 # The hash tracker's page hash: lanes of 64 bits over 32-bit words.
 HASH_LANES = 2

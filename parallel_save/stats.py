@@ -33,13 +33,16 @@ class ChannelStats:
     pages_zeroed: int
     busy_seconds: float
     shards: int
+    # Of pages_read, those copied into the destination's file by the
+    # kernel (sendfile) rather than read into the channel's mapping.
+    pages_sent: int = 0
 
     @classmethod
     def from_row(cls, channel: int, row: np.ndarray) -> ChannelStats:
         return cls(channel, int(row[c.PAGES_WRITTEN]), int(row[c.ZERO_PAGES]),
                    int(row[c.BYTES_WRITTEN]), int(row[c.WRITE_CALLS]),
                    int(row[c.PAGES_READ]), int(row[c.PAGES_ZEROED]),
-                   row[c.BUSY_NS] / 1e9, int(row[c.SHARDS_DONE]))
+                   row[c.BUSY_NS] / 1e9, int(row[c.SHARDS_DONE]), int(row[c.PAGES_SENT]))
 
 
 @dataclass(frozen=True)

@@ -365,6 +365,44 @@ def test_exception_mid_pass_leaves_no_process_or_fd(shm, tmp_path, error):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("assume_zero", [True, False], ids=["fresh", "over-garbage"])
+def test_restoring_channels_take_turns_sending_pages_into_the_destination_file(
+        shm, tmp_path, monkeypatch, assume_zero):
+    """With more than one channel and no look-ahead thread, the channel
+    whose turn it is has the kernel copy a step of pages into the
+    destination's file; the others read theirs into their mappings
+    meanwhile.  Byte for byte the restore of either way alone."""
+    monkeypatch.setenv("PARALLEL_SAVE_LOOKAHEAD", "0")
+    block = shm.block("ram0", 16 * 512, fill=0.3, seed=31)
+    path = tmp_path / "vm.img"
+    ps.save(path, [block], channels=2)
+    present = int(nonzero_pages(block).sum())
+    target = shm.block("ram0", block.pages, **({} if assume_zero else {"fill": "garbage"}))
+    stats = ps.restore(path, [target], channels=2, assume_zero=assume_zero)
+    assert np.array_equal(target.array, block.array)
+    sent = sum(channel.pages_sent for channel in stats.channel_stats)
+    assert stats.pages_read == present
+    assert 0 < sent <= present
+    assert stats.pages_zeroed == (0 if assume_zero else block.pages - present)
+
+
+@pytest.mark.parametrize("options", [{"channels": 1}, {"channels": 2, "direct_io": True}],
+                         ids=["one-channel", "direct-io"])
+def test_a_lone_channel_or_direct_io_reads_every_page_into_the_mapping(shm, tmp_path,
+                                                                         monkeypatch, options):
+    """Sending is for channels that take turns: one channel has no one to
+    take turns with, and O_DIRECT reads never go through a pipe."""
+    monkeypatch.setenv("PARALLEL_SAVE_LOOKAHEAD", "0")
+    block = shm.block("ram0", 4 * 512, fill=0.3, seed=32)
+    path = tmp_path / "vm.img"
+    ps.save(path, [block], channels=2)
+    target = shm.block("ram0", block.pages)
+    stats = ps.restore(path, [target], assume_zero=True, **options)
+    assert np.array_equal(target.array, block.array)
+    assert stats.pages_read == int(nonzero_pages(block).sum())
+    assert [channel.pages_sent for channel in stats.channel_stats] == [0] * options["channels"]
+
+
 def test_restore_leaves_no_process_or_fd(shm, tmp_path):
     block = shm.block("ram0", 1024, fill=0.5)
     ps.save(tmp_path / "vm.img", [block], channels=2)
