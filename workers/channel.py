@@ -822,9 +822,9 @@ class Channel:
         0.25-0.36.  But writers to one tmpfs file queue for its inode lock
         (two processes sending took twice the CPU, in the same time), and
         the fault path takes none: so one channel at a time sends (Turns),
-        and the others read meanwhile.  With 2 channels, guest-like images
-        restored in 15-22 % less time, dense ones 18-26 % (a bare loop of
-        each)."""
+        and the others read meanwhile.  Restores of 1 GiB: guest-like at 1
+        and 2 channels 0.26 -> 0.20 s and 0.22 -> 0.18 s, dense 0.60 ->
+        0.45 s and 0.51 -> 0.39 s."""
         steps = _StepQueue(list(_steps(work.starts, work.ends, LAST_PASS_STEP_PAGES)))
         reader = (self.lookahead.submit(self._read_steps, work, steps)
                   if self.lookahead is not None else None)
