@@ -396,6 +396,28 @@ def test_restoring_channels_take_turns_sending_pages_into_the_destination_file(
     assert stats.pages_zeroed == (0 if assume_zero else block.pages - present)
 
 
+def test_a_restore_with_more_channels_than_cpus_sends_and_reads_exactly(shm, tmp_path):
+    """With more channels than CPUs, a restore's channels read beside the
+    sender only while a CPU is left for each (here one CPU: the sender and
+    one reader), and the others wait for the turn to send: byte for byte
+    the same restore.  (How the steps fall is the scheduler's choice.)
+    The process's CPUs, which the channels inherit, are cut to one."""
+    block = guest_like_block(shm, 64 * 512, seed=33)  # two windows at 4 channels
+    path = tmp_path / "vm.img"
+    ps.save(path, [block], channels=2)
+    target = shm.block("ram0", block.pages)
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        stats = ps.restore(path, [target], channels=4, assume_zero=True)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert np.array_equal(target.array, block.array)
+    present = int(nonzero_pages(block).sum())
+    assert stats.pages_read == present
+    assert 0 < sum(channel.pages_sent for channel in stats.channel_stats) < present
+
+
 @pytest.mark.parametrize("lookahead, direct_io, sent", [
     ("0", False, "all"),    # alone: every step of long runs sent
     ("1", False, "some"),   # the look-ahead thread reads steps from the window's end
