@@ -262,8 +262,8 @@ class ForkedChannel(ForeignChannel):
     to reap, and whose exit status is ours to see.  Forked directly, not
     as a ``multiprocess.Process``, whose bookkeeping (pipes, finalizers,
     after-fork hooks) cost each channel about 1 ms of CPU in the child and
-    as much again here: at 8 channels on 2 cores, setup took 22-24 ms
-    instead of 26-30."""
+    as much again here: at 8 channels on 2 cores, setup took 22-27 ms
+    instead of 26-31."""
 
     def __init__(self, number: int, plan: ChannelPlan) -> None:
         # What this process has buffered would be written twice, if the

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,8 +44,6 @@ def _import_the_installed_package_first() -> None:
 
 
 _import_the_installed_package_first()
-
-from typing import NamedTuple
 
 import numpy as np
 import pytest
