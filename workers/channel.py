@@ -844,12 +844,12 @@ class Channel:
         0.25-0.36.  But writers to one tmpfs file queue for its inode lock
         (two processes sending took twice the CPU, in the same time), and
         the fault path takes none: so one channel at a time sends (Turns),
-        and the others read meanwhile; with more channels than CPUs, only
-        as many as leave the sender a CPU (4 and 8 channels on 2 CPUs:
-        guest-like 209 -> 191 and 243 -> 222 ms, dense 498 -> 458 and
-        527 -> 509 ms), the rest wait for the turn.  Restores of 1 GiB: guest-like at 1
+        and the others read meanwhile.  Restores of 1 GiB: guest-like at 1
         and 2 channels 0.26 -> 0.20 s and 0.22 -> 0.18 s, dense 0.60 ->
-        0.45 s and 0.51 -> 0.39 s."""
+        0.45 s and 0.51 -> 0.39 s.  With more channels than CPUs, only as
+        many read as leave the sender a CPU, and the rest wait for the turn
+        (4 and 8 channels on 2 CPUs: guest-like 209 -> 191 and 243 -> 222
+        ms, dense 498 -> 458 and 527 -> 509 ms)."""
         steps = _StepQueue(list(_steps(work.starts, work.ends, LAST_PASS_STEP_PAGES)))
         reader = (self.lookahead.submit(self._read_steps, work, steps)
                   if self.lookahead is not None else None)
