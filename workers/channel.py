@@ -72,14 +72,17 @@ _MADV_POPULATE_WRITE = 23
 
 
 class Turns:
-    """Channels' turns at writing the file, a POSIX record lock on the first
-    byte of the control segment (each channel is its own lock owner).
+    """Channels' turns at writing a file (a save's image, a restore's
+    destination), a POSIX record lock on the first byte of the control
+    segment (each channel is its own lock owner).
 
     Buffered writes to one file take its inode lock, and a writer that finds
     it taken spins while the owner runs: with two channels or more per CPU
-    the cores go to spinning and to switching between channels.  A channel
-    that cannot have its turn at once checks its next step for zeros
-    instead, and writes what it has when its turn comes."""
+    the cores go to spinning and to switching between channels.  A saving
+    channel that cannot have its turn at once checks its next step for
+    zeros instead, and writes what it has when its turn comes; a restoring
+    one reads its step into its mapping, in one of ``readers`` places (the
+    bytes after the first) where those are counted."""
 
     def __init__(self, fd: int, readers: int = 0) -> None:
         self.fd = fd
@@ -853,22 +856,24 @@ class Channel:
         steps = _StepQueue(list(_steps(work.starts, work.ends, LAST_PASS_STEP_PAGES)))
         reader = (self.lookahead.submit(self._read_steps, work, steps)
                   if self.lookahead is not None else None)
+        limited = self.turns is not None and self.turns.readers > 0
         sent = 0
         try:
             while (step := steps.first()) is not None:
-                if self._send_turn(work, *step, wait=False):
+                # Send if the turn is free now; else read, in a reader's
+                # place where those are counted, or, with none free, wait
+                # for the turn and send.  Short runs are always read.
+                reading = 0  # the reader's place this step holds
+                if (self._send_turn(work, *step, wait=False)
+                        or (limited and not (reading := self.turns.take_reading())
+                            and self._send_turn(work, *step, wait=True))):
                     sent += sum(step[1]) - sum(step[0])
-                elif self.turns is None or not self.turns.readers:
+                    continue
+                try:
                     self._spans_io(_pread, "reading", work.words, *step, work.base)
-                elif reading := self.turns.take_reading():
-                    try:
-                        self._spans_io(_pread, "reading", work.words, *step, work.base)
-                    finally:
+                finally:
+                    if reading:
                         self.turns.give_reading(reading)
-                elif self._send_turn(work, *step, wait=True):
-                    sent += sum(step[1]) - sum(step[0])
-                else:  # short runs, not to be sent
-                    self._spans_io(_pread, "reading", work.words, *step, work.base)
         finally:
             if reader is not None:
                 reader.result()
@@ -886,8 +891,7 @@ class Channel:
         turns: now, or once it comes with ``wait``); False if it was not
         sent."""
         mapped = self.blocks[work.block]
-        if (not self.can_send or mapped.fd < 0
-                or len(starts) * MIN_SENT_RUN_PAGES > sum(ends) - sum(starts)):
+        if not self.can_send or len(starts) * MIN_SENT_RUN_PAGES > sum(ends) - sum(starts):
             return False
         if self.turns is None:
             return self._send_spans(mapped, work, starts, ends)
