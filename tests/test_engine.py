@@ -418,6 +418,28 @@ def test_a_restore_with_more_channels_than_cpus_sends_and_reads_exactly(shm, tmp
     assert 0 < sum(channel.pages_sent for channel in stats.channel_stats) < present
 
 
+def test_sent_pages_land_at_their_block_s_offset_in_a_shared_file(shm, tmp_path):
+    """Two blocks sliced from one shared file (the second 32 MiB into it):
+    each restore sends into the file at its block's place, and the bytes
+    of the file outside the block restored are left as they were."""
+    pages = 16 * 512
+    with ps.RamBlock.from_file("all", shm.path(), length=2 * pages * PAGE_SIZE,
+                               create=True) as whole:
+        rows = whole.array.reshape(-1, PAGE_SIZE)
+        rows[:] = np.random.default_rng(34).integers(1, 256, size=rows.shape, dtype=np.uint8)
+        rows[(np.arange(2 * pages) // 64) % 2 == 1] = 0
+        del rows  # a view: the file's mapping closes with the block
+        before = whole.array.copy()
+        path = tmp_path / "vm.img"
+        with ps.RamBlock("ram1", whole.array[pages * PAGE_SIZE:]) as source:
+            ps.save(path, [source], channels=2)
+        whole.array[pages * PAGE_SIZE:] = 0  # the place the restore fills
+        with ps.RamBlock("ram1", whole.array[pages * PAGE_SIZE:]) as target:
+            stats = ps.restore(path, [target], channels=2, assume_zero=True)
+        assert sum(channel.pages_sent for channel in stats.channel_stats) > 0
+        assert np.array_equal(whole.array, before)
+
+
 @pytest.mark.parametrize("lookahead, direct_io, sent", [
     ("0", False, "all"),    # alone: every step of long runs sent
     ("1", False, "some"),   # the look-ahead thread reads steps from the window's end
