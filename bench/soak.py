@@ -111,7 +111,7 @@ def digest(path: Path) -> str:
 
 def channel_pids() -> list[int]:
     """Our channel processes, as the kernel lists this thread's children
-    (multiprocess.active_children would reap them behind the saver)."""
+    (channels are bare forks: multiprocess does not know of them)."""
     children = Path(f"/proc/self/task/{os.getpid()}/children").read_text()
     return [int(pid) for pid in children.split()]
 
