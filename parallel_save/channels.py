@@ -142,6 +142,15 @@ def take_turns(count: int) -> bool:
     return count > 1
 
 
+def restore_readers(count: int) -> int:
+    """How many of ``count`` restoring channels may read into their
+    mappings beside the one whose turn it is to send (workers/channel.py,
+    _read_or_send): with more channels than CPUs, as many as leave the
+    sender a CPU, and the rest wait for the turn; else any number (0)."""
+    cpus = len(os.sched_getaffinity(0))
+    return max(1, cpus - 1) if count > cpus else 0
+
+
 def deal_chunks(chunks: np.ndarray, channels: int) -> list[np.ndarray]:
     """Each channel's share of these chunk numbers: chunk g always goes to
     channel g % channels, which is what makes an OR merge correct."""
@@ -367,7 +376,8 @@ class ChannelGroup:
         plan = ChannelPlan(image_name, writing, direct_io, tuple(sources),
                            tuple(pages_offsets), layout, os.getpid(), os.getpid(),
                            lookahead=lookahead(count),
-                           turns=not direct_io and take_turns(count))
+                           turns=not direct_io and take_turns(count),
+                           readers=0 if writing else restore_readers(count))
         group = cls(count, plan, control)
         group.start(method, image_fd)
         return group

@@ -222,3 +222,5 @@ class ChannelPlan:
                                      # coordinator, or a snapshot's holder
     lookahead: bool = False          # a second thread a window ahead (channels.lookahead)
     turns: bool = False              # channels take turns at the file (channels.take_turns)
+    readers: int = 0                 # a restore's readers beside the sender, at most
+                                     # (0: no bound; channels.restore_readers)

@@ -374,13 +374,7 @@ class Channel:
         # checks of a save, mapping the destination's pages of a restore.
         self.lookahead = (futures.ThreadPoolExecutor(1, "look-ahead")
                           if plan.lookahead else None)
-        # With more channels than CPUs, a restore's channels read beside the
-        # one whose turn it is to send only while a CPU is left for each;
-        # the others wait for the turn.
-        cpus = len(os.sched_getaffinity(0))
-        self.turns = (Turns(self.control.fd, readers=max(1, cpus - 1)
-                            if plan.control.channels > cpus and not plan.writing else 0)
-                      if plan.turns else None)
+        self.turns = Turns(self.control.fd, plan.readers) if plan.turns else None
         # A buffered restore sends pages into the destination's file where
         # it can (_read_or_send).
         self.sending = not plan.writing and not plan.direct_io
