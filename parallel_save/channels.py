@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -96,12 +97,13 @@ def _exit_description(exitcode: int | None) -> str:
     return f"exited with status {exitcode}"
 
 
-def _channel(number: int, connection, plan: ChannelPlan) -> None:
+def _channel(number: int, connection, plan: ChannelPlan,
+             forked_by_main_thread: bool = False) -> None:
     """A channel process: forked while the coordinator held its stop signals
     back, it starts from the default handlers, not from the coordinator's."""
     for signum in TERMINATE_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
-    channel_process.channel_main(number, connection, plan)
+    channel_process.channel_main(number, connection, plan, forked_by_main_thread)
 
 
 def choose_start_method(start_method: str | None) -> str:
@@ -281,6 +283,7 @@ class ForkedChannel(ForeignChannel):
             if stream is not None and not stream.closed:
                 stream.flush()
         ours, theirs = socket.socketpair()
+        by_main_thread = threading.current_thread() is threading.main_thread()
         try:
             pid = os.fork()
         except BaseException:
@@ -291,7 +294,7 @@ class ForkedChannel(ForeignChannel):
             status = 1
             try:
                 ours.close()
-                _channel(number, Connection(theirs.detach()), plan)
+                _channel(number, Connection(theirs.detach()), plan, by_main_thread)
                 status = 0
             except BaseException:  # noqa: BLE001 -- what the channel could not report
                 traceback.print_exc()

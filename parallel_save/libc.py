@@ -5,7 +5,8 @@ argument types on one of them would override each other).
 sync_file_range(2) (start a file's writeback), madvise(2) (mmap.madvise
 holds the GIL for the call; a call through ctypes lets go of it), statx(2)
 (O_DIRECT's alignment), renameat2(2) (swapping two names), syscall(2) and
-ioctl(2) for userfaultfd, and prctl(2) (naming a process).  Each is None
+ioctl(2) for userfaultfd, and prctl(2) (naming a process, asking for a
+signal when its parent dies).  Each is None
 where this C library lacks it, and its caller falls back.  The failed
 call's error is :func:`last_error`.
 """
@@ -38,7 +39,10 @@ syscall = _bind("syscall")
 if syscall is not None:
     syscall.restype = ctypes.c_long  # a descriptor, or -1
 ioctl = _bind("ioctl", (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p))
-prctl = _bind("prctl", (ctypes.c_int, ctypes.c_char_p))
+# Its second argument is an unsigned long or a pointer, by option: callers
+# wrap it (ctypes.c_ulong, ctypes.c_char_p).
+prctl = _bind("prctl")
+_PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 
 
@@ -54,4 +58,10 @@ def set_process_name(name: str) -> None:
     """Name the calling thread, the process where it is the main one: what
     ps(1), top(1) and /proc/<pid>/comm show (15 bytes at most)."""
     if prctl is not None:
-        prctl(_PR_SET_NAME, name.encode()[:15])
+        prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
+
+
+def set_parent_death_signal(signum: int) -> bool:
+    """Have the kernel send ``signum`` to this process when the thread
+    that forked it ends; False where it cannot."""
+    return prctl is not None and prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signum)) == 0

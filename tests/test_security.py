@@ -299,9 +299,15 @@ def test_channels_die_with_a_sigkilled_coordinator(shm, tmp_path, method):
     # does: a channel that outlived the coordinator would hold it open.
     process = subprocess.Popen([sys.executable, str(script), str(tmp_path / "vm.img"),
                                 block.source.path, method], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PARALLEL_SAVE_LOOKAHEAD": "0"})
     channels = [int(pid) for pid in process.stdout.readline().split()]
     assert len(channels) == 2
+    # Forked by the coordinator's main thread, a channel has the kernel's
+    # word that it dies with that thread; a spawned one watches from a
+    # thread of its own.
+    threads = 1 if method == "fork" else 2
+    assert [len(os.listdir(f"/proc/{pid}/task")) for pid in channels] == [threads, threads]
     process.kill()
     process.communicate(timeout=10)  # EOF: nobody holds the pipe
     deadline = time.monotonic() + 5
