@@ -6,9 +6,9 @@ sync_file_range(2) (start a file's writeback), madvise(2) (mmap.madvise
 holds the GIL for the call; a call through ctypes lets go of it), statx(2)
 (O_DIRECT's alignment), renameat2(2) (swapping two names), syscall(2) and
 ioctl(2) for userfaultfd, and prctl(2) (naming a process, asking for a
-signal when its parent dies).  Each is None
-where this C library lacks it, and its caller falls back.  The failed
-call's error is :func:`last_error`.
+signal when its parent dies).  Each is None where this C library lacks
+it, and its caller falls back.  The failed call's error is
+:func:`last_error`.
 """
 
 from __future__ import annotations
