@@ -16,7 +16,14 @@ from conftest import channel_processes
 
 import parallel_save as ps
 from parallel_save.format import PAGE_SIZE
-from parallel_save.workers.channel import WINDOW_PAGES, Turns, few_long_runs, page_runs
+from parallel_save.workers.channel import (
+    WINDOW_PAGES,
+    Turns,
+    few_long_runs,
+    page_runs,
+    rows_nonzero,
+    step_nonzero,
+)
 
 # Block sizes in pages: one page, less than a chunk (512 pages), a chunk and
 # one page, and several chunks that do not end on a chunk boundary.
@@ -100,6 +107,38 @@ def test_only_a_few_long_runs_are_sliced(pages, sliced):
     """Each sliced run costs numpy calls and, where channels take turns, a
     turn: single pages are gathered instead."""
     assert few_long_runs(pages, page_runs(pages)) is sliced
+
+
+def _step(kinds: str) -> np.ndarray:
+    """A step of pages, one per letter: z zero, d data (first word set),
+    l only its last word set, m only a word in its middle set."""
+    words = np.zeros((len(kinds), PAGE_SIZE // 8), dtype=np.uint64)
+    for page, kind in enumerate(kinds):
+        if kind == "d":
+            words[page] = np.arange(1, PAGE_SIZE // 8 + 1)
+        elif kind == "l":
+            words[page, -1] = 1 << 63
+        elif kind == "m":
+            words[page, 300] = 7
+    return words
+
+
+@pytest.mark.parametrize("kinds", [
+    "d" * 64,                    # data: the first words say it all
+    "d" * 60 + "zlmz",           # a few pages to read in full, gathered
+    "zzldmzzd" * 16,             # many: the sample of first words sends it whole
+    "d" * 7 + "z" + "dddddddm" * 8 + "zl" * 20,  # the sample misses what the check finds
+    "lzzzzzzz" * 8,
+    "m",
+    "",
+])
+def test_the_zero_check_finds_every_non_zero_word(kinds):
+    """Whichever way a step is read (first words, gathered pages, the whole
+    step at once), a page is zero only if all its words are."""
+    words = _step(kinds)
+    expected = np.array([kind != "z" for kind in kinds], dtype=bool)
+    assert step_nonzero(words).tolist() == expected.tolist()
+    assert rows_nonzero(words).tolist() == expected.tolist()
 
 
 def test_a_last_pass_writes_in_larger_steps_than_one_that_may_be_written_over(
