@@ -7,6 +7,7 @@ import contextlib
 import lzma
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -58,6 +59,13 @@ DATA = Path(__file__).parent / "data"
 # the suite pins the default of single-threaded callers, fork, and tests
 # the other start method where it names it.
 os.environ.setdefault("PARALLEL_SAVE_START_METHOD", "fork")
+
+# A suite started as a shell's background job (`... &`) inherits Ctrl-C
+# ignored, and so would every command the Ctrl-C tests start and interrupt
+# (an ignored SIGINT stays ignored across exec): they get the terminal's
+# default back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_report_header(config) -> str:
