@@ -97,13 +97,14 @@ def _exit_description(exitcode: int | None) -> str:
     return f"exited with status {exitcode}"
 
 
-def _channel(number: int, connection, plan: ChannelPlan,
+def _channel(channels: list[tuple[int, Connection]], plan: ChannelPlan,
              forked_by_main_thread: bool = False) -> None:
-    """A channel process: forked while the coordinator held its stop signals
-    back, it starts from the default handlers, not from the coordinator's."""
+    """A channel process (hosting ``channels``: numbers and connections):
+    forked while the coordinator held its stop signals back, it starts
+    from the default handlers, not from the coordinator's."""
     for signum in TERMINATE_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
-    channel_process.channel_main(number, connection, plan, forked_by_main_thread)
+    channel_process.channel_main(channels, plan, forked_by_main_thread)
 
 
 def choose_start_method(start_method: str | None) -> str:
@@ -153,6 +154,27 @@ def restore_readers(count: int) -> int:
     return max(1, cpus - 1) if count > cpus else 0
 
 
+def channel_hosts(count: int, method: str) -> list[list[int]]:
+    """Which of ``count`` channels each channel process hosts: they share
+    min(count, CPUs) processes (channel n in process n % processes), each
+    channel on a thread of its own (a snapshot's have a process each).
+
+    Beyond one per CPU, a process per channel only adds its cost: each
+    forked Python costs about 6.5 ms of CPU to start, fault in and tear
+    down (copy-on-write faults of the interpreter's pages, fork, exit; a
+    spawned one, a new interpreter importing numpy, far more), and its
+    own mappings and page tables, while the channels of one process, like
+    QEMU's threads, share them and run side by side wherever numpy and
+    the file's calls let go of the GIL (every zero check, write and read).
+    $PARALLEL_SAVE_CHANNEL_PROCESSES pins the number of processes."""
+    if method == "snapshot":
+        return [[number] for number in range(count)]
+    pinned = os.environ.get("PARALLEL_SAVE_CHANNEL_PROCESSES")
+    processes = int(pinned) if pinned else len(os.sched_getaffinity(0))
+    processes = max(1, min(count, processes))
+    return [list(range(first, count, processes)) for first in range(processes)]
+
+
 def deal_chunks(chunks: np.ndarray, channels: int) -> list[np.ndarray]:
     """Each channel's share of these chunk numbers: chunk g always goes to
     channel g % channels, which is what makes an OR merge correct."""
@@ -166,35 +188,43 @@ QUIET_BLAS = {"OPENBLAS_NUM_THREADS": "1"}
 
 
 class SpawnedChannel:
-    """A channel started as a new interpreter, with the few methods of a
-    ``multiprocess.Process`` that the group uses.  Its connection is a
-    socket pair inherited through exec; its sentinel a pidfd."""
+    """A channel process started as a new interpreter, with the few methods
+    of a ``multiprocess.Process`` that the group uses.  Its connections
+    (one per channel it hosts) are socket pairs inherited through exec;
+    its sentinel a pidfd."""
 
     # The new interpreter imports the very parallel_save this one runs.
     _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
              "from parallel_save.workers.channel import spawned_main; "
-             "spawned_main(int(sys.argv[2]))")
+             "spawned_main(sys.argv[2])")
 
-    def __init__(self, number: int, plan: ChannelPlan) -> None:
-        self.name = f"parallel-save channel {number}"
-        ours, theirs = socket.socketpair()
+    def __init__(self, numbers: list[int], plan: ChannelPlan) -> None:
+        self.name = f"parallel-save channel {numbers[0]}"
+        self.numbers = numbers
+        pairs = [socket.socketpair() for _ in numbers]
+        theirs = [pair[1].fileno() for pair in pairs]
         try:
             # -P: not the working directory first on the import path, which
             # may be a directory others can write (/tmp).
             self._popen = subprocess.Popen(
-                [sys.executable, "-P", "-c", self._BOOT, self._ROOT, str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                env={**os.environ, **QUIET_BLAS})
+                [sys.executable, "-P", "-c", self._BOOT, self._ROOT, ",".join(map(str, theirs))],
+                pass_fds=theirs, stdin=subprocess.DEVNULL, env={**os.environ, **QUIET_BLAS})
+        except BaseException:
+            for ours, _ in pairs:
+                ours.close()
+            raise
         finally:
-            theirs.close()
+            for _, end in pairs:
+                end.close()
         self.pid = self._popen.pid
         self.sentinel = os.pidfd_open(self.pid)
-        self.connection = Connection(ours.detach())
-        try:
-            self.connection.send_bytes(pickle.dumps((number, plan)))
-        except OSError:
-            pass  # it died at once: the group's wait reports how
+        self.connections = [Connection(ours.detach()) for ours, _ in pairs]
+        for number, connection in zip(numbers, self.connections):
+            try:
+                connection.send_bytes(pickle.dumps((number, plan)))
+            except OSError:
+                pass  # it died at once: the group's wait reports how
 
     @property
     def exitcode(self) -> int | None:
@@ -233,7 +263,7 @@ def _fork_channel(number: int, pairs: list, plan: ChannelPlan, report: int) -> i
             ours.close()
             if index != number:
                 theirs.close()
-        _channel(number, Connection(pairs[number][1].detach()), plan)
+        _channel([(number, Connection(pairs[number][1].detach()))], plan)
         status = 0
     finally:
         os._exit(status)
@@ -276,40 +306,48 @@ class ForkedChannel(ForeignChannel):
     as much again here: at 8 channels on 2 cores, setup took 22-27 ms
     instead of 26-31."""
 
-    def __init__(self, number: int, plan: ChannelPlan) -> None:
+    def __init__(self, numbers: list[int], plan: ChannelPlan) -> None:
         # What this process has buffered would be written twice, if the
         # child ever flushed its copy (a traceback on stderr).
         for stream in (sys.stdout, sys.stderr):
             if stream is not None and not stream.closed:
                 stream.flush()
-        ours, theirs = socket.socketpair()
-        by_main_thread = threading.current_thread() is threading.main_thread()
+        pairs = []
         try:
+            for _ in numbers:
+                pairs.append(socket.socketpair())
+            by_main_thread = threading.current_thread() is threading.main_thread()
             pid = os.fork()
         except BaseException:
-            ours.close()
-            theirs.close()
+            for pair in pairs:
+                for end in pair:
+                    end.close()
             raise
         if pid == 0:
             status = 1
             try:
-                ours.close()
-                _channel(number, Connection(theirs.detach()), plan, by_main_thread)
+                for ours, _ in pairs:
+                    ours.close()
+                _channel([(number, Connection(theirs.detach()))
+                          for number, (_, theirs) in zip(numbers, pairs)], plan, by_main_thread)
                 status = 0
             except BaseException:  # noqa: BLE001 -- what the channel could not report
                 traceback.print_exc()
             finally:
                 os._exit(status)
-        theirs.close()
+        for _, theirs in pairs:
+            theirs.close()
         self._exitcode: int | None = None
         try:
-            super().__init__(number, pid)
+            super().__init__(numbers[0], pid)
         except BaseException:  # no pidfd (out of descriptors): no channel
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            ours.close()
+            for ours, _ in pairs:
+                ours.close()
             raise
-        self.connection = Connection(ours.detach())
+        self.numbers = numbers
+        self.connections = [Connection(ours.detach()) for ours, _ in pairs]
 
     @property
     def exitcode(self) -> int | None:
@@ -340,7 +378,8 @@ class PassCounts:
 
 
 class ChannelGroup:
-    """N channel processes of one save or restore, over one image file."""
+    """N channels of one save or restore, over one image file, in up to N
+    processes (channel_hosts)."""
 
     def __init__(self, count: int, plan: ChannelPlan, control: ControlSegment) -> None:
         self.count = count
@@ -393,11 +432,8 @@ class ChannelGroup:
             with signals_deferred():
                 if method == "snapshot":
                     self._start_snapshot()
-                for number in range(self.count if method != "snapshot" else 0):
-                    process = (SpawnedChannel if method == "spawn" else ForkedChannel)(
-                        number, self.plan)
-                    self.processes.append(process)
-                    self.connections.append(process.connection)
+                else:
+                    self._start_processes(method)
                 for ours, process in zip(self.connections, self.processes):
                     # Over the connection's socket (SCM_RIGHTS): the channel
                     # works on the very file the coordinator checked.
@@ -411,6 +447,24 @@ class ChannelGroup:
         except BaseException:
             self.stop(force=True)
             raise
+
+    def _start_processes(self, method: str) -> None:
+        """Start the channel processes; ``processes`` and ``connections``
+        are indexed by channel number (one process may appear for several)."""
+        hosts = channel_hosts(self.count, method)
+        self.processes = [None] * self.count
+        self.connections = [None] * self.count
+        try:
+            for numbers in hosts:
+                process = (SpawnedChannel if method == "spawn" else ForkedChannel)(
+                    numbers, self.plan)
+                for number, connection in zip(numbers, process.connections):
+                    self.processes[number] = process
+                    self.connections[number] = connection
+        finally:
+            # Those started, in channel order (what stop() walks).
+            self.processes = [p for p in self.processes if p is not None]
+            self.connections = [c for c in self.connections if c is not None]
 
     def _wait_ready(self) -> None:
         self._wait_all(READY, None)  # a failure stops every channel
@@ -602,41 +656,50 @@ class ChannelGroup:
 
     def _wait_all(self, expected: str, progress: Callable[[], None] | None) -> None:
         waiting = set(range(self.count))
-        by_handle = {}
+        # A process hosting several channels is waited on once (its
+        # sentinel), for each of its channels still waiting.
+        by_handle: dict = {}
         for number in waiting:
-            by_handle[self.connections[number]] = number
-            by_handle[self.processes[number].sentinel] = number
+            by_handle[self.connections[number]] = [number]
+            by_handle.setdefault(self.processes[number].sentinel, []).append(number)
         while waiting:
             handles = [self.connections[n] for n in waiting]
-            handles += [self.processes[n].sentinel for n in waiting]
+            handles += list({self.processes[n].sentinel for n in waiting})
             ready = wait(handles, timeout=PROGRESS_INTERVAL)
             if progress is not None:
                 progress()
             for handle in ready:
-                number = by_handle[handle]
-                if number not in waiting:
-                    continue
-                connection = self.connections[number]
-                if connection.poll():
-                    try:
-                        data = connection.recv_bytes()
-                    except (EOFError, OSError):
-                        self._fail(number, None)
-                    self.bytes_received += len(data)
-                    reply = pickle.loads(data)
-                    if reply[0] == ERROR:
-                        self._fail(number, reply[1], reply[2])
-                    if reply[0] != expected:
-                        self._fail(number, f"unexpected reply {reply[0]!r}")
-                    waiting.discard(number)
-                elif not self.processes[number].is_alive():
-                    self._fail(number, None)
+                for number in by_handle[handle]:
+                    if number in waiting:
+                        self._take_reply(number, expected, waiting)
+
+    def _take_reply(self, number: int, expected: str, waiting: set[int]) -> None:
+        """Channel ``number``'s reply, if it has one; else, if its process
+        is gone, the pass fails."""
+        connection = self.connections[number]
+        if connection.poll():
+            try:
+                data = connection.recv_bytes()
+            except (EOFError, OSError):
+                self._fail(number, None)
+            self.bytes_received += len(data)
+            reply = pickle.loads(data)
+            if reply[0] == ERROR:
+                self._fail(number, reply[1], reply[2])
+            if reply[0] != expected:
+                self._fail(number, f"unexpected reply {reply[0]!r}")
+            waiting.discard(number)
+        elif not self.processes[number].is_alive():
+            self._fail(number, None)
 
     def _fail(self, number: int, cause: str | None, errno: int | None = None):
         process = self.processes[number]
         if cause is None:
             process.join(STOP_GRACE)
-            cause = f"the process {_exit_description(process.exitcode)}"
+            hosted = getattr(process, "numbers", [number])
+            whose = ("the process" if len(hosted) == 1 else
+                     f"the process of channels {', '.join(map(str, hosted))}")
+            cause = f"{whose} {_exit_description(process.exitcode)}"
         self.stop(force=True)
         raise ChannelError(number, cause, errno)
 

@@ -45,7 +45,8 @@ class DirectIOError(ParallelSaveError):
 
 
 class ChannelError(ParallelSaveError):
-    """A channel (worker process) failed: it raised, or it died.
+    """A channel (a worker thread of a channel process) failed: it raised,
+    or its process died.
 
     ``channel`` is the channel number, ``cause`` a one-line description
     (the worker's exception, or how the process ended), ``errno`` the

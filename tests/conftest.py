@@ -164,6 +164,17 @@ def channel_processes() -> list[ChildProcess]:
     return found
 
 
+def thread_names(pid: int) -> list[str]:
+    """The names of a process's threads (each /proc/<pid>/task/<tid>/comm)."""
+    names = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            names.append(Path(f"/proc/{pid}/task/{task}/comm").read_text().strip())
+        except FileNotFoundError:
+            continue  # the thread ended
+    return names
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Every test leaves no channel process and no control segment behind

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import uuid
 
 import multiprocess
 import numpy as np
 import pytest
-from conftest import channel_processes
+from conftest import channel_processes, thread_names
 
 import parallel_save as ps
 from parallel_save.format import PAGE_SIZE
 from parallel_save.workers.channel import (
     WINDOW_PAGES,
+    HostedTurns,
     Turns,
     few_long_runs,
     page_runs,
@@ -230,6 +232,21 @@ def test_round_trip_is_exact_whether_channels_take_turns_or_not(shm, tmp_path, m
     assert_restores_exactly(path, blocks, shm, channels=2)
 
 
+def taken_by_another_process(fd: int) -> bool:
+    """Whether a process of its own (forked) finds the turn on ``fd`` taken."""
+    context = multiprocess.get_context("fork")
+
+    def try_turn(queue) -> None:
+        queue.put(Turns(fd).take(wait=False))
+
+    queue = context.Queue()
+    process = context.Process(target=try_turn, args=(queue,))
+    process.start()
+    answer = queue.get(timeout=30)
+    process.join()
+    return not answer
+
+
 def test_a_channel_waits_for_its_turn_while_another_has_it(tmp_path):
     """Turns are a record lock each channel process owns on its own: a
     second process cannot take a turn held by the first, and can once it
@@ -238,26 +255,73 @@ def test_a_channel_waits_for_its_turn_while_another_has_it(tmp_path):
     os.ftruncate(fd, 4096)
     turns = Turns(fd)
     assert turns.take(wait=False)
-    context = multiprocess.get_context("fork")
-
-    def try_turn(queue) -> None:
-        queue.put(Turns(fd).take(wait=False))
-
-    def attempt() -> bool:
-        queue = context.Queue()
-        process = context.Process(target=try_turn, args=(queue,))
-        process.start()
-        answer = queue.get(timeout=30)
-        process.join()
-        return answer
-
     try:
-        assert attempt() is False
+        assert taken_by_another_process(fd)
         turns.give()
-        assert attempt() is True  # and its turn ended with its process
+        assert not taken_by_another_process(fd)  # and its turn ended with its process
         assert turns.take(wait=False)
     finally:
         os.close(fd)
+
+
+def test_channels_of_one_process_take_turns_among_themselves():
+    """A record lock belongs to the process: the kernel would grant a
+    second channel (thread) of the holder's process its turn at once.
+    The channels of one process exclude each other through what they
+    share, at the turn and at a restore's reader places, and still
+    exclude other processes."""
+    fd = os.memfd_create("turns")
+    os.ftruncate(fd, 4096)
+    hosted = HostedTurns()
+    first, second = (Turns(fd, readers=2, hosted=hosted) for _ in range(2))
+    try:
+        assert first.take(wait=False)
+        assert not second.take(wait=False)
+        assert taken_by_another_process(fd)
+        waited: list[bool] = []
+        waiter = threading.Thread(target=lambda: waited.append(second.take(wait=True)))
+        waiter.start()
+        waiter.join(0.2)
+        assert waited == []  # waits while the first holds the turn...
+        first.give()
+        waiter.join(30)
+        assert waited == [True]  # ...and has it once given
+        assert taken_by_another_process(fd)
+        second.give()
+        assert not taken_by_another_process(fd)
+        # Reader places: one per channel, as if each were a process.
+        assert (first.take_reading(), second.take_reading(), first.take_reading()) == (1, 2, 0)
+        second.give_reading(2)
+        assert first.take_reading() == 2
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_channels_hosted_by_fewer_processes_save_and_restore_exactly(shm, tmp_path,
+                                                                     monkeypatch, method):
+    """Five channels in two processes (threads: three and two), taking
+    turns; every channel does its share, and the round trip is exact
+    into three channels hosted by one process."""
+    monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", "2")
+    monkeypatch.setenv("PARALLEL_SAVE_TURNS", "1")
+    monkeypatch.setenv("PARALLEL_SAVE_START_METHOD", method)
+    blocks = make_blocks(shm, seed=70)
+    path = tmp_path / "vm.img"
+    rng = np.random.default_rng(70)
+    with ps.Saver(path, blocks, channels=5) as saver:
+        saver.setup()
+        hosts = {process.pid: process for process in saver._group.processes}
+        assert sorted(len(process.numbers) for process in hosts.values()) == [2, 3]
+        saver.iterate()
+        stats = saver.complete({b.name: mutate(b, rng) for b in blocks})
+    # Channel n handles chunks n, n + 5, ...: each of the five has some.
+    assert [row.channel for row in stats.channel_stats] == list(range(5))
+    assert all(row.pages_written > 0 for row in stats.channel_stats)
+    assert sum(row.pages_written for row in stats.channel_stats) == stats.pages_written
+    assert stats.pages_written >= sum(int(nonzero_pages(b).sum()) for b in blocks)
+    monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", "1")
+    assert_restores_exactly(path, blocks, shm, channels=3)
 
 
 @pytest.mark.parametrize("late_pages", [3, 200])
@@ -367,14 +431,19 @@ def test_page_bytes_never_cross_a_pipe(shm, tmp_path):
     assert control[16384][1] - control[1024][1] < 1024
 
 
-def test_close_leaves_no_process_segment_or_fd(shm, tmp_path):
+def test_close_leaves_no_process_segment_or_fd(shm, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARALLEL_SAVE_LOOKAHEAD", "0")  # no threads but the channels'
     block = shm.block("ram0", 1024, fill=0.5)
     before = open_fds()
     saver = ps.Saver(tmp_path / "vm.img", [block], channels=4)
     saver.setup()
     saver.iterate()
-    # Named as ps(1) shows them, not after their coordinator.
-    assert sorted(p.name for p in channel_processes()) == [f"ps channel {n}" for n in range(4)]
+    # A process per CPU at most, hosting a channel per thread, each named
+    # as ps(1) and top(1) show it, not after the coordinator.
+    processes = channel_processes()
+    assert len(processes) == min(4, len(os.sched_getaffinity(0)))
+    assert sorted(name for process in processes for name in thread_names(process.pid)) == [
+        f"ps channel {n}" for n in range(4)]
     saver.close()
     assert channel_processes() == []
     assert open_fds() <= before

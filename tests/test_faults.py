@@ -172,6 +172,27 @@ def test_channel_killed_mid_pass_fails_the_pass_promptly(shm, tmp_path):
     assert files_in(tmp_path) == []
 
 
+def test_a_killed_process_fails_the_pass_naming_the_channels_it_hosted(shm, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", "2")
+    monkeypatch.setenv("PARALLEL_SAVE_START_METHOD", "fork")
+    block = shm.block("ram0", 4096, fill=0.3)
+    with ps.Saver(tmp_path / "vm.img", [block], channels=4) as saver:
+        saver.setup()
+        # Channels 1 and 3 are threads of one process.
+        assert saver._group.processes[1] is saver._group.processes[3]
+        pids = {p.pid for p in saver._group.processes}
+        kill_mid_pass(saver, 3)
+        with pytest.raises(ps.ChannelError) as caught:
+            saver.iterate()
+        assert saver._group.processes == []
+    assert caught.value.channel in (1, 3)
+    assert caught.value.cause == "the process of channels 1, 3 was killed by SIGKILL"
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    del caught  # its traceback holds the pass's frames
+    assert files_in(tmp_path) == []
+
+
 def test_channel_killed_between_passes_fails_the_next_pass(shm, tmp_path):
     block = shm.block("ram0", 2048, fill=0.3)
     with ps.Saver(tmp_path / "vm.img", [block], channels=2) as saver:

@@ -71,10 +71,24 @@ _MADV_POPULATE_READ = 22
 _MADV_POPULATE_WRITE = 23
 
 
+class HostedTurns:
+    """What the channels of one process share of their turns: a record
+    lock belongs to the process, so a second thread of it asking for a
+    lock the first holds would be granted it at once.  Each lock is taken
+    here first, among the process's own channels, then from the kernel,
+    among processes."""
+
+    def __init__(self) -> None:
+        self.writer = threading.Lock()
+        self.guard = threading.Lock()
+        self.reading: set[int] = set()  # reader places held by this process
+
+
 class Turns:
     """Channels' turns at writing a file (a save's image, a restore's
     destination), a POSIX record lock on the first byte of the control
-    segment (each channel is its own lock owner).
+    segment (each channel process is its own lock owner; its channels
+    share ``hosted``).
 
     Buffered writes to one file take its inode lock, and a writer that finds
     it taken spins while the owner runs: with two channels or more per CPU
@@ -84,34 +98,55 @@ class Turns:
     one reads its step into its mapping, in one of ``readers`` places (the
     bytes after the first) where those are counted."""
 
-    def __init__(self, fd: int, readers: int = 0) -> None:
+    def __init__(self, fd: int, readers: int = 0, hosted: HostedTurns | None = None) -> None:
         self.fd = fd
         # A restore's readers beside the turn's holder, at most (0: any
         # number): the record locks on the bytes after the first.
         self.readers = readers
+        self.hosted = hosted if hosted is not None else HostedTurns()
 
     def take(self, wait: bool) -> bool:
+        if not self.hosted.writer.acquire(blocking=wait):
+            return False
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, 0)
         except (BlockingIOError, PermissionError):
+            self.hosted.writer.release()
             return False
+        except BaseException:
+            self.hosted.writer.release()
+            raise
         return True
 
     def give(self) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
+        finally:
+            self.hosted.writer.release()
 
     def take_reading(self) -> int:
         """A reader's place, if one is free (its byte; 0: none is)."""
+        hosted = self.hosted
         for byte in range(1, self.readers + 1):
+            with hosted.guard:
+                if byte in hosted.reading:
+                    continue  # another channel of this process has it
+                hosted.reading.add(byte)
             try:
                 fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
             except (BlockingIOError, PermissionError):
+                with hosted.guard:
+                    hosted.reading.discard(byte)
                 continue
             return byte
         return 0
 
     def give_reading(self, byte: int) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, byte)
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, byte)
+        finally:
+            with self.hosted.guard:
+                self.hosted.reading.discard(byte)
 
 
 def die_with_coordinator(plan: ChannelPlan, forked_by_main_thread: bool = False) -> None:
@@ -376,7 +411,8 @@ def _pread(fd: int, buffer: memoryview, offset: int) -> int:
 
 
 class Channel:
-    def __init__(self, number: int, plan: ChannelPlan, image_fd: int, control_fd: int) -> None:
+    def __init__(self, number: int, plan: ChannelPlan, image_fd: int, control_fd: int,
+                 hosted: HostedTurns | None = None) -> None:
         self.number = number
         self.plan = plan
         self.fd = image_fd
@@ -405,7 +441,7 @@ class Channel:
         # checks of a save, mapping the destination's pages of a restore.
         self.lookahead = (futures.ThreadPoolExecutor(1, "look-ahead")
                           if plan.lookahead else None)
-        self.turns = Turns(self.control.fd, plan.readers) if plan.turns else None
+        self.turns = Turns(self.control.fd, plan.readers, hosted) if plan.turns else None
         # A buffered restore sends pages into the destination's file where
         # it can (_read_or_send).
         self.sending = not plan.writing and not plan.direct_io
@@ -975,13 +1011,15 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def channel_main(number: int, conn, plan: ChannelPlan,
+def channel_main(channels: list[tuple[int, object]], plan: ChannelPlan,
                  forked_by_main_thread: bool = False) -> None:
-    """The channel process's whole life; ``forked_by_main_thread``: the
-    coordinator's main thread forked it (die_with_coordinator)."""
+    """A channel process's whole life: it hosts ``channels`` (their numbers
+    and connections), each on a thread of its own, the first on the main
+    thread.  ``forked_by_main_thread``: the coordinator's main thread
+    forked it (die_with_coordinator)."""
     # As ps(1) and top(1) show it: a forked channel would otherwise bear
-    # its coordinator's name.
-    libc.set_process_name(f"ps channel {number}")
+    # its coordinator's name.  Each thread is named after its channel.
+    libc.set_process_name(f"ps channel {channels[0][0]}")
     die_with_coordinator(plan, forked_by_main_thread)
     # Ctrl-C reaches the whole process group; the coordinator alone decides
     # how to stop, so a channel never dies half-way through a write on it.
@@ -990,11 +1028,38 @@ def channel_main(number: int, conn, plan: ChannelPlan,
     # short) is reported by the coordinator with the cause; a fault
     # handler inherited from the parent (pytest's) would only add a dump.
     faulthandler.disable()
-    channel = None
+    hosted = HostedTurns()
+    opened: list[Channel] = []
+    threads = [threading.Thread(target=_serve, args=(number, conn, plan, hosted, opened),
+                                name=f"ps channel {number}")
+               for number, conn in channels[1:]]
+    try:
+        for thread in threads:
+            thread.start()
+        _serve(*channels[0], plan, hosted, opened)
+    finally:
+        for thread in threads:
+            if thread.ident is not None:
+                thread.join()
+        # Only once every channel of the process is done: closing any
+        # descriptor of the control segment drops every record lock the
+        # process holds on it, another channel's turn included.
+        for channel in opened:
+            channel.close()
+
+
+def _serve(number: int, conn, plan: ChannelPlan, hosted: HostedTurns,
+           opened: list[Channel]) -> None:
+    """One channel: attach, then handle the coordinator's messages until
+    told to stop (or the last pass is done).  An error is reported to the
+    coordinator, which then stops every channel."""
+    if threading.current_thread() is not threading.main_thread():
+        libc.set_process_name(f"ps channel {number}")
     try:
         image_fd = reduction.recv_handle(conn)
         control_fd = reduction.recv_handle(conn)
-        channel = Channel(number, plan, image_fd, control_fd)
+        channel = Channel(number, plan, image_fd, control_fd, hosted)
+        opened.append(channel)
         conn.send_bytes(pickle.dumps((READY,)))
         while True:
             message = pickle.loads(conn.recv_bytes())
@@ -1022,16 +1087,18 @@ def channel_main(number: int, conn, plan: ChannelPlan,
                                          getattr(error, "errno", None))))
         except OSError:
             pass
-    finally:
-        if channel is not None:
-            channel.close()
 
 
-def spawned_main(fd: int) -> None:
-    """A channel started as a new interpreter (channels.SpawnedChannel):
-    its number and plan come first on its connection, from its parent."""
+def spawned_main(fds: str) -> None:
+    """A channel process started as a new interpreter
+    (channels.SpawnedChannel), on the connections ``fds`` (comma-separated
+    descriptors, one per channel it hosts): each channel's number and the
+    plan come first on its connection, from its parent."""
     from multiprocessing.connection import Connection
 
-    conn = Connection(fd)
-    number, plan = pickle.loads(conn.recv_bytes())
-    channel_main(number, conn, plan)
+    channels = []
+    for fd in fds.split(","):
+        conn = Connection(int(fd))
+        number, plan = pickle.loads(conn.recv_bytes())
+        channels.append((number, conn))
+    channel_main(channels, plan)
