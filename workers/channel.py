@@ -1,17 +1,18 @@
-"""A channel: one worker process of a save or restore, like a QEMU multifd
-channel.
+"""A channel: one worker of a save or restore, like a QEMU multifd channel,
+and the channel process that hosts one or several of them, a thread each.
 
-It is handed two descriptors over its connection, the image file the
-coordinator opened and checked (already with O_DIRECT when asked) and the
-control segment, maps the RAM blocks itself, then loops over small
+A channel is handed two descriptors over its connection, the image file
+the coordinator opened and checked (already with O_DIRECT when asked) and
+the control segment, maps the RAM blocks itself, then loops over small
 messages from the coordinator: each names a pass and the chunks to handle
 (the vocabulary is in parallel_save/control.py).  Page bytes go straight
 between the shared mappings and the file; nothing but chunk numbers and
 one-line replies crosses the pipe.
 
-A channel never outlives its coordinator, whatever thread started it and
-however the coordinator ends: it watches the coordinator's pidfd from its
-first instructions on, and kills itself when that process is gone.
+A channel process never outlives its coordinator, whatever thread started
+it and however the coordinator ends: from its first instructions on, the
+kernel's parent-death signal or a thread watching the coordinator's pidfd
+kills it when that process is gone (die_with_coordinator).
 """
 
 from __future__ import annotations
