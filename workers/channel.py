@@ -1031,22 +1031,21 @@ def channel_main(channels: list[tuple[int, object]], plan: ChannelPlan,
     faulthandler.disable()
     hosted = HostedTurns()
     opened: list[Channel] = []
+    # Daemons: a process that fails to start one exits at once (and its
+    # coordinator reports it), without waiting for the others.
     threads = [threading.Thread(target=_serve, args=(number, conn, plan, hosted, opened),
-                                name=f"ps channel {number}")
+                                name=f"ps channel {number}", daemon=True)
                for number, conn in channels[1:]]
-    try:
-        for thread in threads:
-            thread.start()
-        _serve(*channels[0], plan, hosted, opened)
-    finally:
-        for thread in threads:
-            if thread.ident is not None:
-                thread.join()
-        # Only once every channel of the process is done: closing any
-        # descriptor of the control segment drops every record lock the
-        # process holds on it, another channel's turn included.
-        for channel in opened:
-            channel.close()
+    for thread in threads:
+        thread.start()
+    _serve(*channels[0], plan, hosted, opened)
+    for thread in threads:
+        thread.join()
+    # Only once every channel of the process is done: closing any
+    # descriptor of the control segment drops every record lock the
+    # process holds on it, another channel's turn included.
+    for channel in opened:
+        channel.close()
 
 
 def _serve(number: int, conn, plan: ChannelPlan, hosted: HostedTurns,
