@@ -170,8 +170,10 @@ def channel_hosts(count: int, method: str) -> list[list[int]]:
     if method == "snapshot":
         return [[number] for number in range(count)]
     pinned = os.environ.get("PARALLEL_SAVE_CHANNEL_PROCESSES")
-    processes = int(pinned) if pinned else len(os.sched_getaffinity(0))
-    processes = max(1, min(count, processes))
+    if pinned and not (pinned.isdigit() and int(pinned) > 0):
+        raise OptionError(f"$PARALLEL_SAVE_CHANNEL_PROCESSES must be a number of "
+                          f"processes (1 or more), not {pinned!r}")
+    processes = min(count, int(pinned) if pinned else len(os.sched_getaffinity(0)))
     return [list(range(first, count, processes)) for first in range(processes)]
 
 

@@ -324,6 +324,17 @@ def test_channels_hosted_by_fewer_processes_save_and_restore_exactly(shm, tmp_pa
     assert_restores_exactly(path, blocks, shm, channels=3)
 
 
+@pytest.mark.parametrize("pinned", ["0", "two", "-1"])
+def test_a_bad_number_of_channel_processes_is_refused_naming_the_variable(
+        shm, tmp_path, monkeypatch, pinned):
+    monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", pinned)
+    block = shm.block("ram0", 64, fill=0.5)
+    with pytest.raises(ps.OptionError, match=rf"^\$PARALLEL_SAVE_CHANNEL_PROCESSES must be a "
+                                             rf"number of processes \(1 or more\), not '{pinned}'$"):
+        ps.save(tmp_path / "vm.img", [block], channels=2)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("late_pages", [3, 200])
 def test_pages_whose_first_words_are_zero_are_saved(shm, tmp_path, late_pages):
     """The zero check reads a page's first word, then in full only the pages
