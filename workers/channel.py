@@ -974,6 +974,9 @@ class Channel:
         try:
             for start, end in zip(starts, ends):
                 low, high = start * PAGE_SIZE, end * PAGE_SIZE
+                # This channel's own descriptor of the file (BlockMapping
+                # opens one per channel): channels that are threads of one
+                # process do not share its position.
                 os.lseek(mapped.fd, target + low, os.SEEK_SET)
                 while low < high:
                     done = os.sendfile(mapped.fd, self.fd, work.base + low, high - low)
