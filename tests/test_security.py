@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import thread_names
 
 import parallel_save as ps
 from parallel_save.artifacts import SEGMENT_DIR, stale_files
@@ -306,8 +307,9 @@ def test_channels_die_with_a_sigkilled_coordinator(shm, tmp_path, method):
     # Forked by the coordinator's main thread, a channel has the kernel's
     # word that it dies with that thread; a spawned one watches from a
     # thread of its own.
-    threads = 1 if method == "fork" else 2
-    assert [len(os.listdir(f"/proc/{pid}/task")) for pid in channels] == [threads, threads]
+    watcher = [] if method == "fork" else ["ps watch"]
+    assert [sorted(thread_names(pid)) for pid in channels] == [
+        [f"ps channel {number}", *watcher] for number in range(2)]
     process.kill()
     process.communicate(timeout=10)  # EOF: nobody holds the pipe
     deadline = time.monotonic() + 5

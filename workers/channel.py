@@ -177,11 +177,17 @@ def die_with_coordinator(plan: ChannelPlan, forked_by_main_thread: bool = False)
     if pidfd is None:
         return
 
+    named = threading.Event()
+
     def watch() -> None:
+        # Not the channel's name, which a new thread inherits.
+        libc.set_process_name("ps watch")
+        named.set()
         select.select([pidfd], [], [])
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="coordinator watch", daemon=True).start()
+    named.wait()  # so that a channel that says READY shows its threads' names
 
 
 # A channel handles its chunks a window at a time: every numpy call then
