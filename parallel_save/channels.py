@@ -278,6 +278,7 @@ class ForeignChannel:
 
     def __init__(self, number: int, pid: int) -> None:
         self.name = f"parallel-save channel {number}"
+        self.numbers = [number]  # the channels it hosts
         self.pid = pid
         self.sentinel = os.pidfd_open(pid)
 
@@ -698,9 +699,8 @@ class ChannelGroup:
         process = self.processes[number]
         if cause is None:
             process.join(STOP_GRACE)
-            hosted = getattr(process, "numbers", [number])
-            whose = ("the process" if len(hosted) == 1 else
-                     f"the process of channels {', '.join(map(str, hosted))}")
+            whose = ("the process" if len(process.numbers) == 1 else
+                     f"the process of channels {', '.join(map(str, process.numbers))}")
             cause = f"{whose} {_exit_description(process.exitcode)}"
         self.stop(force=True)
         raise ChannelError(number, cause, errno)
