@@ -691,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def transfer_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
-                         help=f"worker processes (default {DEFAULT_CHANNELS})")
+                         help=f"parallel writers or readers (threads, in at most one process "
+                              f"per CPU; default {DEFAULT_CHANNELS})")
         sub.add_argument("--direct-io", action="store_true",
                          help="read/write the image's pages with O_DIRECT")
         sub.add_argument("--offset", type=parse_size, default=0, metavar="N",
@@ -771,7 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--zero-fraction", type=_fraction, default=0.5, metavar="F",
                      help="share of pages that are zero (default 0.5)")
     sub.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
-                     help=f"worker processes (default {DEFAULT_CHANNELS})")
+                     help=f"parallel writers or readers (threads, in at most one process "
+                          f"per CPU; default {DEFAULT_CHANNELS})")
     sub.add_argument("--dir", default=SHM_DIR, metavar="DIR",
                      help="where the image is written (default %(default)s, memory: "
                      "give a directory on a disk to measure the disk)")
@@ -802,7 +804,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--mode", type=_file_mode, default=None, metavar="OCTAL",
                      help="the images' mode when created (default 600)")
     sub.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
-                     help=f"worker processes (default {DEFAULT_CHANNELS})")
+                     help=f"parallel writers or readers (threads, in at most one process "
+                          f"per CPU; default {DEFAULT_CHANNELS})")
     sub.add_argument("--quiet", action="store_true", help="no summary lines")
     sub.add_argument("--json", action="store_true", help="one JSON line per checkpoint")
     sub.set_defaults(run=cmd_checkpoint)
