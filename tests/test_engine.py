@@ -6,9 +6,11 @@ through the pipes, nothing left behind."""
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import threading
 import uuid
+from pathlib import Path
 
 import multiprocess
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 from conftest import channel_processes, thread_names
 
 import parallel_save as ps
+from parallel_save.blocks import BlockMapping
 from parallel_save.format import PAGE_SIZE
 from parallel_save.workers.channel import (
     WINDOW_PAGES,
@@ -322,6 +325,36 @@ def test_channels_hosted_by_fewer_processes_save_and_restore_exactly(shm, tmp_pa
     assert stats.pages_written >= sum(int(nonzero_pages(b).sum()) for b in blocks)
     monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", "1")
     assert_restores_exactly(path, blocks, shm, channels=3)
+
+
+def mapped_kib(address: int) -> int:
+    """How much of the mapping of this process that starts at ``address``
+    is mapped in (its Rss in /proc/self/smaps), in KiB."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for index, line in enumerate(lines):
+        if line.split("-", 1)[0] == f"{address:x}":
+            return next(int(row.split()[1]) for row in lines[index + 1:]
+                        if row.startswith("Rss:"))
+    raise AssertionError(f"no mapping at {address:#x}")
+
+
+def test_a_channel_lets_go_of_its_mapping_and_the_block_keeps_the_pages(shm):
+    """After its last pass a channel drops each window's pages from its
+    mapping of the block (madvise DONTNEED), which is only safe because
+    that mapping is the block's file, shared: the pages it wrote (as a
+    restore does) stay in the block, and only the channel's page tables go."""
+    block = shm.block("ram0", 512, fill="garbage", seed=3)
+    mapped = BlockMapping(block.source, writable=True)
+    address = mapped.array.ctypes.data - mapped.skip
+    try:
+        written = np.random.default_rng(4).integers(0, 256, 256 * PAGE_SIZE, dtype=np.uint8)
+        mapped.array[:written.size] = written  # as a restore's pread would
+        assert mapped_kib(address) >= 256 * PAGE_SIZE // 1024
+        mapped.advise(mmap.MADV_DONTNEED, 0, 512)
+        assert mapped_kib(address) == 0
+        assert np.array_equal(block.array[:written.size], written)
+    finally:
+        mapped.close()
 
 
 @pytest.mark.parametrize("pinned", ["0", "two", "-1"])

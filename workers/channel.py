@@ -436,6 +436,8 @@ class Channel:
         self.can_seek_holes = True
         self.can_remove = True
         self.can_send = True
+        self.can_drop = True
+        self.last_pass = False
         self.chunk_bases = np.asarray(plan.control.chunk_bases)
         self.block_pages = plan.control.block_pages
         self.bitmap_bases = plan.control.bitmap_bases
@@ -572,6 +574,7 @@ class Channel:
         """Write the dirty pages of these chunks; ``last``: no pass will
         write into the file after this one (the step size: STEP_PAGES)."""
         self.step_pages = LAST_PASS_STEP_PAGES if last else STEP_PAGES
+        self.last_pass = last
         # Per block, how far the file is known to hold data (no holes): a
         # channel's windows come in ascending order, so each part of the
         # file is searched for holes once per pass.
@@ -683,6 +686,33 @@ class Channel:
         row[PAGES_DONE] += work.all_dirty.size + work.unchanged
         row[SHARDS_DONE] += 1
         row[BUSY_NS] += time.perf_counter_ns() - work.started_ns
+        if self.last_pass:
+            self._let_go(block, first, end)
+
+    def _let_go(self, block: int, first: int, end: int) -> None:
+        """Unmap pages [first, end) of a block from this channel (its file
+        keeps them): after the last pass nothing reads or writes them here
+        again, and a channel that drops each window's mappings once done
+        with it does so while others hold the turn, instead of at its exit,
+        which the coordinator waits for (11-16 ms of a 1 GiB save at 2 and
+        8 channels); its page tables stay a window's worth."""
+        mapped = self.blocks[block]
+        if mapped.mapping is None or not self.can_drop:
+            return  # a private block's bytes are the snapshot itself
+        if self.lookahead is not None:
+            # A lone channel's thread is the one writer (or reader): the
+            # look-ahead thread lets go, once done with the next window
+            # (a dense 1 GiB by one channel took 414 ms with the exit's
+            # teardown, 441 ms dropping windows on the writer's thread).
+            self.lookahead.submit(self._drop, mapped, first, end)
+        else:
+            self._drop(mapped, first, end)
+
+    def _drop(self, mapped: BlockMapping, first: int, end: int) -> None:
+        try:
+            mapped.advise(mmap.MADV_DONTNEED, first, end - first)
+        except OSError:
+            self.can_drop = False
 
     def _write_nonzero(self, words: np.ndarray, runs: tuple[np.ndarray, np.ndarray],
                        base: int) -> tuple[np.ndarray, int, int]:
@@ -788,7 +818,11 @@ class Channel:
 
     # --- restore ---
 
-    def restore(self, chunks: np.ndarray, zero_clear: bool) -> None:
+    def restore(self, chunks: np.ndarray, zero_clear: bool, last: bool = False) -> None:
+        """Read these chunks' present pages into the destinations (and zero
+        their clear pages with ``zero_clear``); ``last``: the restore's last
+        pass (each window's mapping is let go once read)."""
+        self.last_pass = last
         windows = (self._prepare_restore(*window) for window in self._windows(chunks))
         if self.lookahead is None:
             for work in windows:
@@ -899,6 +933,8 @@ class Channel:
         row[PAGES_DONE] += work.own_pages
         row[SHARDS_DONE] += 1
         row[BUSY_NS] += time.perf_counter_ns() - started
+        if self.last_pass:
+            self._let_go(work.block, work.first, work.first + work.words.shape[0])
 
     def _read_or_send(self, work: RestoreWindow) -> int:
         """Bring the window's present pages into the destination a step at
@@ -1082,7 +1118,7 @@ def _serve(number: int, conn, plan: ChannelPlan, hosted: HostedTurns,
             elif message[0] == SAVE:
                 channel.save(message[1], message[2])
             elif message[0] == RESTORE:
-                channel.restore(message[1], message[2])
+                channel.restore(message[1], message[2], message[3])
             else:
                 raise ValueError(f"unknown message {message[0]!r}")
             conn.send_bytes(pickle.dumps((DONE,)))
