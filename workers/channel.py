@@ -694,16 +694,17 @@ class Channel:
         keeps them): after the last pass nothing reads or writes them here
         again, and a channel that drops each window's mappings once done
         with it does so while others hold the turn, instead of at its exit,
-        which the coordinator waits for (11-16 ms of a 1 GiB save at 2 and
-        8 channels); its page tables stay a window's worth."""
+        which the coordinator waits for (11-34 ms of a 1 GiB save); its
+        page tables stay a window's worth."""
         mapped = self.blocks[block]
         if mapped.mapping is None or not self.can_drop:
             return  # a private block's bytes are the snapshot itself
         if self.lookahead is not None:
             # A lone channel's thread is the one writer (or reader): the
             # look-ahead thread lets go, once done with the next window
-            # (a dense 1 GiB by one channel took 414 ms with the exit's
-            # teardown, 441 ms dropping windows on the writer's thread).
+            # (a dense 1 GiB by one channel: 414-420 ms with the exit's
+            # teardown, 441 ms dropping windows on the writer's thread,
+            # 359 ms on this one).
             self.lookahead.submit(self._drop, mapped, first, end)
         else:
             self._drop(mapped, first, end)
