@@ -819,7 +819,7 @@ class Channel:
 
     # --- restore ---
 
-    def restore(self, chunks: np.ndarray, zero_clear: bool, last: bool = False) -> None:
+    def restore(self, chunks: np.ndarray, zero_clear: bool, last: bool) -> None:
         """Read these chunks' present pages into the destinations (and zero
         their clear pages with ``zero_clear``); ``last``: the restore's last
         pass (each window's mapping is let go once read)."""
