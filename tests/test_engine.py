@@ -19,10 +19,12 @@ from conftest import channel_processes, thread_names
 
 import parallel_save as ps
 from parallel_save.blocks import BlockMapping
+from parallel_save.control import CHUNK_PAGES
 from parallel_save.format import PAGE_SIZE
 from parallel_save.workers.channel import (
     WINDOW_PAGES,
     HostedTurns,
+    OwnBits,
     Turns,
     few_long_runs,
     page_runs,
@@ -112,6 +114,43 @@ def test_only_a_few_long_runs_are_sliced(pages, sliced):
     """Each sliced run costs numpy calls and, where channels take turns, a
     turn: single pages are gathered instead."""
     assert few_long_runs(pages, page_runs(pages)) is sliced
+
+
+@pytest.mark.parametrize("pages, own", [
+    (16 * CHUNK_PAGES, [0, 5, 6, 15]),      # a whole window; two own chunks side by side
+    (16 * CHUNK_PAGES, list(range(16))),    # one channel: every chunk its own
+    (3 * CHUNK_PAGES + 300, [1, 3]),        # a block's last window, ending inside a chunk
+    (300, [0]),                             # a block smaller than a chunk
+    (8 * CHUNK_PAGES, []),
+])
+def test_a_channel_works_on_the_bits_of_its_own_chunks_only(pages, own):
+    """OwnBits gives and stores exactly what the whole window's bits would,
+    inside the channel's chunks, and leaves every other bit alone."""
+    rng = np.random.default_rng(pages + len(own))
+    row = np.packbits(rng.random(pages + 64) < 0.5, bitorder="little")
+    bits = row[:-(-pages // 8)]  # the window's bytes, a view as in a bitmap row
+    before_row = row.copy()
+    own = np.array(own, dtype=np.int64)
+    mask = np.zeros(pages, dtype=bool)
+    for chunk in own:
+        mask[chunk * CHUNK_PAGES:(chunk + 1) * CHUNK_PAGES] = True
+    window = np.unpackbits(bits, count=pages, bitorder="little").view(bool)
+    owned = OwnBits(bits, own, pages)
+    assert owned.set_pages().tolist() == np.flatnonzero(window & mask).tolist()
+    assert owned.clear_pages().tolist() == np.flatnonzero(~window & mask).tolist()
+    assert owned.count() == int(mask.sum())
+
+    dirty = np.flatnonzero(mask & (rng.random(pages) < 0.6))
+    written = dirty[rng.random(dirty.size) < 0.5]
+    owned.store(cleared=dirty, set_=written)
+    expected = window.copy()
+    expected[dirty] = False
+    expected[written] = True
+    after = np.unpackbits(row, count=pages, bitorder="little").view(bool)
+    assert after.tolist() == expected.tolist()
+    # The padding bits of the last byte and the bytes after the window: untouched.
+    assert np.unpackbits(row, bitorder="little")[pages:].tolist() == \
+        np.unpackbits(before_row, bitorder="little")[pages:].tolist()
 
 
 def _step(kinds: str) -> np.ndarray:

@@ -63,7 +63,7 @@ from ..control import (
     ControlSegment,
 )
 from ..files import data_extents
-from ..format import PAGE_SIZE, bit_runs
+from ..format import PAGE_SIZE
 from ..tracking.hashing import PageHasher
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
@@ -294,6 +294,66 @@ def rows_nonzero(rows: np.ndarray) -> np.ndarray:
     return np.maximum.reduceat(flat, np.arange(0, flat.size, rows.shape[1])) != 0
 
 
+class OwnBits:
+    """A window's bits (its bytes of a bitmap) in the chunks a channel owns
+    (``own``: their ascending indexes in the window), unpacked one row of
+    CHUNK_PAGES per chunk.  Chunks are dealt round the channels, so a
+    window holds 1/N of its chunks for each of N channels: on the whole
+    window, each channel would do a lone channel's work on the bits, N
+    channels N times it; on their own chunks, all of them together do one
+    block's.  Finding the runs to read of a 1 GiB restore at 8 channels took
+    37-47 ms of CPU over the whole windows (8-11 ms at 2 channels), 9-14 ms
+    on own chunks; a restore of the guest-like GiB at 8 channels, 216 ->
+    198 ms (CPU 371 -> 341 ms)."""
+
+    __slots__ = ("bits", "own", "pages", "rows")
+
+    def __init__(self, bits: np.ndarray, own: np.ndarray, pages: int) -> None:
+        self.bits, self.own, self.pages = bits, own, pages
+        row_bytes = CHUNK_PAGES // 8
+        if bits.size % row_bytes:  # a block's last window may end inside a chunk
+            bits = np.concatenate((bits, np.zeros(-bits.size % row_bytes, np.uint8)))
+        self.rows = np.unpackbits(bits.reshape(-1, row_bytes)[own], axis=1,
+                                  bitorder="little").view(bool)
+
+    def count(self) -> int:
+        """The own pages (a block's last chunk may be short)."""
+        if not self.own.size:
+            return 0
+        last = min(CHUNK_PAGES, self.pages - int(self.own[-1]) * CHUNK_PAGES)
+        return (self.own.size - 1) * CHUNK_PAGES + last
+
+    def _pages(self, index: np.ndarray) -> np.ndarray:
+        """Window page numbers of positions in the rows."""
+        return self.own[index // CHUNK_PAGES] * CHUNK_PAGES + index % CHUNK_PAGES
+
+    def set_pages(self) -> np.ndarray:
+        return self._within(self._pages(np.flatnonzero(self.rows)))
+
+    def clear_pages(self) -> np.ndarray:
+        return self._within(self._pages(np.flatnonzero(~self.rows)))
+
+    def _within(self, pages: np.ndarray) -> np.ndarray:
+        """Less the bits past the window's last page (a short last chunk's)."""
+        return pages[:np.searchsorted(pages, self.pages)]
+
+    def store(self, cleared: np.ndarray, set_: np.ndarray) -> None:
+        """Clear the bits of pages ``cleared``, then set those of ``set_``
+        (window page numbers in own chunks), and write the rows back."""
+        flat = self.rows.reshape(-1)
+        for pages, value in ((cleared, False), (set_, True)):
+            rows = np.searchsorted(self.own, pages // CHUNK_PAGES)
+            flat[rows * CHUNK_PAGES + pages % CHUNK_PAGES] = value
+        packed = np.packbits(self.rows, axis=1, bitorder="little")
+        row_bytes = CHUNK_PAGES // 8
+        whole = self.bits.size // row_bytes  # chunks whose bytes are all there
+        full = self.own < whole
+        self.bits[:whole * row_bytes].reshape(whole, row_bytes)[self.own[full]] = packed[full]
+        if not full.all():
+            tail = self.bits[whole * row_bytes:]
+            tail[:] = packed[-1, :tail.size]
+
+
 def page_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Runs of consecutive page numbers in a sorted array: (starts, ends)."""
     if not pages.size:
@@ -337,8 +397,8 @@ class SaveWindow:
     block: int
     first: int                 # the window's pages in its block: [first, end)
     end: int
-    dirty: np.ndarray          # mask of the window's pages this pass saves
-    all_dirty: np.ndarray      # their numbers (in the window)
+    own: np.ndarray            # the window's chunks that are this channel's (OwnBits)
+    all_dirty: np.ndarray      # numbers (in the window) of the pages this pass saves
     dirty_pages: np.ndarray    # those to read: not in holes of the block's file
     dirty_runs: tuple[np.ndarray, np.ndarray]
     words: np.ndarray          # the window's pages (or a private copy of them)
@@ -362,7 +422,7 @@ class RestoreWindow:
     clear_starts: np.ndarray   # runs of this channel's pages absent from it
     clear_ends: np.ndarray
     own_pages: int
-    present: np.ndarray
+    present: np.ndarray        # numbers of the pages present (in the window)
     send: bool                 # its long runs go into the destination's file (_read_or_send)
     pieces: list[np.ndarray] = field(default_factory=list)  # see Channel._map_ahead
 
@@ -477,8 +537,8 @@ class Channel:
 
     def _windows(self, chunks: np.ndarray):
         """Group this channel's chunks (ascending) by block and window:
-        yields (block, first page, end page, own), ``own`` marking the
-        window's pages that belong to these chunks."""
+        yields (block, first page, end page, own), ``own`` the ascending
+        indexes in the window of its chunks among these (see OwnBits)."""
         blocks = np.searchsorted(self.chunk_bases, chunks, side="right") - 1
         local = chunks - self.chunk_bases[blocks]
         per_window = self.window_pages // CHUNK_PAGES
@@ -490,10 +550,7 @@ class Channel:
             block = int(blocks[group[0]])
             first = int(local[group[0]] // per_window) * self.window_pages
             end = min(first + self.window_pages, self.block_pages[block])
-            own_chunks = np.zeros(per_window, dtype=bool)
-            own_chunks[local[group] % per_window] = True
-            own = np.repeat(own_chunks, CHUNK_PAGES)[:end - first]
-            yield block, first, end, own
+            yield block, first, end, local[group] % per_window
 
     def _bits(self, row: np.ndarray, block: int, first: int, end: int) -> np.ndarray:
         """The packed bits of pages [first, end) of a block in a bitmap row
@@ -501,9 +558,9 @@ class Channel:
         base = self.bitmap_bases[block] + first // 8
         return row[base:base + (end - first + 7) // 8]
 
-    def _unpack(self, row: np.ndarray, block: int, first: int, end: int) -> np.ndarray:
-        return np.unpackbits(self._bits(row, block, first, end), count=end - first,
-                             bitorder="little").view(bool)
+    def _own_bits(self, row: np.ndarray, block: int, first: int, end: int,
+                  own: np.ndarray) -> OwnBits:
+        return OwnBits(self._bits(row, block, first, end), own, end - first)
 
     def _populate(self, block: int, first: int, starts: np.ndarray, ends: np.ndarray,
                   write: bool) -> None:
@@ -634,24 +691,24 @@ class Channel:
         """A window's dirty pages, less those in holes of the block's file
         (or, with the hash tracker, less those the file holds already)."""
         started = time.perf_counter_ns()
-        dirty = self._unpack(self.control.pass_bitmap, block, first, end) & own
-        all_dirty = dirty_pages = np.flatnonzero(dirty)
+        all_dirty = dirty_pages = self._own_bits(self.control.pass_bitmap, block, first,
+                                                 end, own).set_pages()
         unchanged = 0
         holes = None if self.hasher is not None else self._hole_pages(block, first, end)
         if holes is not None:
             # Pages in holes are zero pages: not read, not written.
-            dirty_pages = np.flatnonzero(dirty & ~holes)
+            dirty_pages = all_dirty[~holes[all_dirty]]
         dirty_runs = page_runs(dirty_pages)
         words = self.words[block][first:end]
         if self.hasher is not None:
             self._populate(block, first, *dirty_runs, write=False)
-            words, dirty, changed = self._changed_pages(block, first, words, dirty_pages,
-                                                        dirty_runs)
+            words, changed = self._changed_pages(block, first, words, dirty_pages,
+                                                 dirty_runs)
             unchanged = dirty_pages.size - changed.size
             all_dirty = dirty_pages = changed
             dirty_runs = page_runs(changed)
         base = self.plan.pages_offsets[block] + first * PAGE_SIZE
-        return SaveWindow(block, first, end, dirty, all_dirty, dirty_pages, dirty_runs,
+        return SaveWindow(block, first, end, own, all_dirty, dirty_pages, dirty_runs,
                           words, base, unchanged, started, time.perf_counter_ns())
 
     def _write_found(self, work: SaveWindow, written: np.ndarray) -> tuple[int, int]:
@@ -673,10 +730,8 @@ class Channel:
         block, first, end = work.block, work.first, work.end
         # This channel always handles these chunks, so its bits here are
         # the latest: written pages set, dirty pages found zero cleared.
-        present = self._unpack(self.file_bits, block, first, end) & ~work.dirty
-        present[written] = True
-        self._bits(self.file_bits, block, first, end)[:] = np.packbits(
-            present, bitorder="little")
+        self._own_bits(self.file_bits, block, first, end, work.own).store(
+            cleared=work.all_dirty, set_=written)
         row = self.counters
         row[PAGES_WRITTEN] += written.size
         row[ZERO_PAGES] += work.all_dirty.size - written.size
@@ -761,10 +816,10 @@ class Channel:
 
     def _changed_pages(self, block: int, first: int, words: np.ndarray, dirty_pages: np.ndarray,
                        dirty_runs: tuple[np.ndarray, np.ndarray]
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       ) -> tuple[np.ndarray, np.ndarray]:
         """The hash tracker's step: which dirty pages of a window changed
         since the file last got them.  Returns a private copy of the window
-        holding those pages, their mask and their numbers.
+        holding those pages, and their numbers.
 
         Memory may change at any moment, so each page is read once, into
         private memory, and the hash, the zero check and the write all use
@@ -789,9 +844,7 @@ class Channel:
         rows = np.flatnonzero((new != table[index]).any(axis=1))
         table[index[rows]] = new[rows]
         changed = dirty_pages[rows]
-        mask = np.zeros(words.shape[0], dtype=bool)
-        mask[changed] = True
-        return copy, mask, changed
+        return copy, changed
 
     def _spans_io(self, io, verb: str, words: np.ndarray, starts: list[int],
                   ends: list[int], base: int) -> int:
@@ -861,15 +914,16 @@ class Channel:
 
     def _prepare_restore(self, block: int, first: int, end: int, own: np.ndarray
                          ) -> RestoreWindow:
-        present = self._unpack(self.control.pass_bitmap, block, first, end) & own
-        starts, ends = split_spans(*bit_runs(present))
-        clear_starts, clear_ends = bit_runs(own & ~present)
+        bits = self._own_bits(self.control.pass_bitmap, block, first, end, own)
+        present = bits.set_pages()
+        starts, ends = split_spans(*page_runs(present))
+        clear_starts, clear_ends = page_runs(bits.clear_pages())
         send = (self.sending and self.can_send and self.blocks[block].fd >= 0
                 and starts.size * MIN_SENT_RUN_PAGES <= int((ends - starts).sum()))
         return RestoreWindow(block, first, self.words[block][first:end],
                              self.plan.pages_offsets[block] + first * PAGE_SIZE,
                              starts, ends, clear_starts, clear_ends,
-                             int(np.count_nonzero(own)), present, send)
+                             bits.count(), present, send)
 
     def _ready_restore(self, work: RestoreWindow) -> None:
         """Map the pages that get bytes, one system call per run (a
@@ -885,7 +939,7 @@ class Channel:
         (no system call per run, unlike madvise) and changes nothing;
         faulting inside the pread costs the reader more."""
         self._read_ahead(work)
-        work.pieces = [piece for piece in np.array_split(np.flatnonzero(work.present),
+        work.pieces = [piece for piece in np.array_split(work.present,
                                                          MAP_PIECES) if piece.size]
         return [self.lookahead.submit(_store_zero, work.words, piece) for piece in work.pieces]
 
