@@ -142,7 +142,7 @@ def test_a_channel_works_on_the_bits_of_its_own_chunks_only(pages, own):
 
     dirty = np.flatnonzero(mask & (rng.random(pages) < 0.6))
     written = dirty[rng.random(dirty.size) < 0.5]
-    owned.store(cleared=dirty, set_=written)
+    owned.store(cleared=OwnBits.of_pages(dirty, own, pages), set_=written)
     expected = window.copy()
     expected[dirty] = False
     expected[written] = True

@@ -294,6 +294,10 @@ def rows_nonzero(rows: np.ndarray) -> np.ndarray:
     return np.maximum.reduceat(flat, np.arange(0, flat.size, rows.shape[1])) != 0
 
 
+_CHUNK_SHIFT = CHUNK_PAGES.bit_length() - 1  # CHUNK_PAGES is a power of two
+_CHUNK_MASK = CHUNK_PAGES - 1
+
+
 class OwnBits:
     """A window's bits (its bytes of a bitmap) in the chunks a channel owns
     (``own``: their ascending indexes in the window), unpacked one row of
@@ -302,19 +306,30 @@ class OwnBits:
     window, each channel would do a lone channel's work on the bits, N
     channels N times it; on their own chunks, all of them together do one
     block's.  Finding the runs to read of a 1 GiB restore at 8 channels took
-    37-47 ms of CPU over the whole windows (8-11 ms at 2 channels), 9-14 ms
-    on own chunks; a restore of the guest-like GiB at 8 channels, 216 ->
-    198 ms (CPU 371 -> 341 ms)."""
+    37-53 ms of CPU over the whole windows (8-13 ms at 2 channels), 9-14 ms
+    on own chunks (a save's bits, which find no runs: 4-7 ms either way);
+    a guest-like 1 GiB restore at 8 channels, 216 -> 198 ms and 217 -> 214
+    ms in two A/Bs."""
 
     __slots__ = ("bits", "own", "pages", "rows")
 
-    def __init__(self, bits: np.ndarray, own: np.ndarray, pages: int) -> None:
+    def __init__(self, bits: np.ndarray | None, own: np.ndarray, pages: int) -> None:
         self.bits, self.own, self.pages = bits, own, pages
+        if bits is None:
+            self.rows = np.zeros((own.size, CHUNK_PAGES), dtype=bool)
+            return
         row_bytes = CHUNK_PAGES // 8
         if bits.size % row_bytes:  # a block's last window may end inside a chunk
             bits = np.concatenate((bits, np.zeros(-bits.size % row_bytes, np.uint8)))
         self.rows = np.unpackbits(bits.reshape(-1, row_bytes)[own], axis=1,
                                   bitorder="little").view(bool)
+
+    @classmethod
+    def of_pages(cls, pages: np.ndarray, own: np.ndarray, count: int) -> OwnBits:
+        """The bits of these window pages (in chunks ``own``), of no bitmap."""
+        bits = cls(None, own, count)
+        bits.rows.reshape(-1)[bits._positions(pages)] = True
+        return bits
 
     def count(self) -> int:
         """The own pages (a block's last chunk may be short)."""
@@ -323,9 +338,17 @@ class OwnBits:
         last = min(CHUNK_PAGES, self.pages - int(self.own[-1]) * CHUNK_PAGES)
         return (self.own.size - 1) * CHUNK_PAGES + last
 
-    def _pages(self, index: np.ndarray) -> np.ndarray:
-        """Window page numbers of positions in the rows."""
-        return self.own[index // CHUNK_PAGES] * CHUNK_PAGES + index % CHUNK_PAGES
+    def _pages(self, positions: np.ndarray) -> np.ndarray:
+        """Window page numbers of positions in the rows: row r is chunk
+        own[r], so its positions move by (own[r] - r) chunks."""
+        shift = (self.own.astype(np.int64) - np.arange(self.own.size)) << _CHUNK_SHIFT
+        return positions + shift[positions >> _CHUNK_SHIFT]
+
+    def _positions(self, pages: np.ndarray) -> np.ndarray:
+        """Positions in the rows of window pages (in own chunks)."""
+        row_of_chunk = np.zeros(int(self.own[-1]) + 1 if self.own.size else 0, np.int64)
+        row_of_chunk[self.own] = np.arange(self.own.size)
+        return (row_of_chunk[pages >> _CHUNK_SHIFT] << _CHUNK_SHIFT) | (pages & _CHUNK_MASK)
 
     def set_pages(self) -> np.ndarray:
         return self._within(self._pages(np.flatnonzero(self.rows)))
@@ -337,13 +360,11 @@ class OwnBits:
         """Less the bits past the window's last page (a short last chunk's)."""
         return pages[:np.searchsorted(pages, self.pages)]
 
-    def store(self, cleared: np.ndarray, set_: np.ndarray) -> None:
-        """Clear the bits of pages ``cleared``, then set those of ``set_``
-        (window page numbers in own chunks), and write the rows back."""
-        flat = self.rows.reshape(-1)
-        for pages, value in ((cleared, False), (set_, True)):
-            rows = np.searchsorted(self.own, pages // CHUNK_PAGES)
-            flat[rows * CHUNK_PAGES + pages % CHUNK_PAGES] = value
+    def store(self, cleared: OwnBits, set_: np.ndarray) -> None:
+        """Clear the bits set in ``cleared`` (of the same chunks), then set
+        those of pages ``set_``, and write the rows back into the bitmap."""
+        self.rows &= ~cleared.rows
+        self.rows.reshape(-1)[self._positions(set_)] = True
         packed = np.packbits(self.rows, axis=1, bitorder="little")
         row_bytes = CHUNK_PAGES // 8
         whole = self.bits.size // row_bytes  # chunks whose bytes are all there
@@ -397,8 +418,8 @@ class SaveWindow:
     block: int
     first: int                 # the window's pages in its block: [first, end)
     end: int
-    own: np.ndarray            # the window's chunks that are this channel's (OwnBits)
-    all_dirty: np.ndarray      # numbers (in the window) of the pages this pass saves
+    dirty: OwnBits             # the pages this pass saves, in the channel's chunks
+    all_dirty: np.ndarray      # their numbers (in the window)
     dirty_pages: np.ndarray    # those to read: not in holes of the block's file
     dirty_runs: tuple[np.ndarray, np.ndarray]
     words: np.ndarray          # the window's pages (or a private copy of them)
@@ -691,8 +712,8 @@ class Channel:
         """A window's dirty pages, less those in holes of the block's file
         (or, with the hash tracker, less those the file holds already)."""
         started = time.perf_counter_ns()
-        all_dirty = dirty_pages = self._own_bits(self.control.pass_bitmap, block, first,
-                                                 end, own).set_pages()
+        dirty = self._own_bits(self.control.pass_bitmap, block, first, end, own)
+        all_dirty = dirty_pages = dirty.set_pages()
         unchanged = 0
         holes = None if self.hasher is not None else self._hole_pages(block, first, end)
         if holes is not None:
@@ -706,9 +727,10 @@ class Channel:
                                                  dirty_runs)
             unchanged = dirty_pages.size - changed.size
             all_dirty = dirty_pages = changed
+            dirty = OwnBits.of_pages(changed, own, end - first)
             dirty_runs = page_runs(changed)
         base = self.plan.pages_offsets[block] + first * PAGE_SIZE
-        return SaveWindow(block, first, end, own, all_dirty, dirty_pages, dirty_runs,
+        return SaveWindow(block, first, end, dirty, all_dirty, dirty_pages, dirty_runs,
                           words, base, unchanged, started, time.perf_counter_ns())
 
     def _write_found(self, work: SaveWindow, written: np.ndarray) -> tuple[int, int]:
@@ -730,8 +752,8 @@ class Channel:
         block, first, end = work.block, work.first, work.end
         # This channel always handles these chunks, so its bits here are
         # the latest: written pages set, dirty pages found zero cleared.
-        self._own_bits(self.file_bits, block, first, end, work.own).store(
-            cleared=work.all_dirty, set_=written)
+        self._own_bits(self.file_bits, block, first, end, work.dirty.own).store(
+            cleared=work.dirty, set_=written)
         row = self.counters
         row[PAGES_WRITTEN] += written.size
         row[ZERO_PAGES] += work.all_dirty.size - written.size
