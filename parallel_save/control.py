@@ -224,3 +224,5 @@ class ChannelPlan:
     turns: bool = False              # channels take turns at the file (channels.take_turns)
     readers: int = 0                 # a restore's readers beside the sender, at most
                                      # (0: no bound; channels.restore_readers)
+    passes_in_turn: bool = False     # a process's channels run their passes one at a
+                                     # time (channels.passes_in_turn)

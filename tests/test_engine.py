@@ -19,6 +19,7 @@ from conftest import channel_processes, thread_names
 
 import parallel_save as ps
 from parallel_save.blocks import BlockMapping
+from parallel_save.channels import passes_in_turn
 from parallel_save.control import CHUNK_PAGES
 from parallel_save.format import PAGE_SIZE
 from parallel_save.workers.channel import (
@@ -363,7 +364,23 @@ def test_channels_hosted_by_fewer_processes_save_and_restore_exactly(shm, tmp_pa
     assert sum(row.pages_written for row in stats.channel_stats) == stats.pages_written
     assert stats.pages_written >= sum(int(nonzero_pages(b).sum()) for b in blocks)
     monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", "1")
-    assert_restores_exactly(path, blocks, shm, channels=3)
+    for in_turn in ("1", "0"):  # the threads running their passes one at a time, or not
+        monkeypatch.setenv("PARALLEL_SAVE_PASSES_IN_TURN", in_turn)
+        assert_restores_exactly(path, blocks, shm, channels=3)
+
+
+def test_a_buffered_restores_hosted_channels_run_their_passes_in_turn(monkeypatch):
+    """Where they only compete for the CPU: a save's stay side by side (a
+    channel waiting for the file's turn checks zeros meanwhile), as do
+    direct I/O's (a channel waits on the disk)."""
+    monkeypatch.delenv("PARALLEL_SAVE_PASSES_IN_TURN", raising=False)
+    assert passes_in_turn(writing=False, direct_io=False)
+    assert not passes_in_turn(writing=True, direct_io=False)
+    assert not passes_in_turn(writing=False, direct_io=True)
+    monkeypatch.setenv("PARALLEL_SAVE_PASSES_IN_TURN", "1")
+    assert passes_in_turn(writing=True, direct_io=True)
+    monkeypatch.setenv("PARALLEL_SAVE_PASSES_IN_TURN", "0")
+    assert not passes_in_turn(writing=False, direct_io=False)
 
 
 def mapped_kib(address: int) -> int:

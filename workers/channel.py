@@ -17,6 +17,7 @@ kills it when that process is gone (die_with_coordinator).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import faulthandler
 import fcntl
@@ -83,6 +84,9 @@ class HostedTurns:
         self.writer = threading.Lock()
         self.guard = threading.Lock()
         self.reading: set[int] = set()  # reader places held by this process
+        # Held by the channel running a pass, where they run one at a time
+        # (ChannelPlan.passes_in_turn).
+        self.running = threading.Lock()
 
 
 class Turns:
@@ -1177,6 +1181,7 @@ def _serve(number: int, conn, plan: ChannelPlan, hosted: HostedTurns,
     coordinator, which then stops every channel."""
     if threading.current_thread() is not threading.main_thread():
         libc.set_process_name(f"ps channel {number}")
+    running = hosted.running if plan.passes_in_turn else contextlib.nullcontext()
     try:
         image_fd = reduction.recv_handle(conn)
         control_fd = reduction.recv_handle(conn)
@@ -1192,10 +1197,12 @@ def _serve(number: int, conn, plan: ChannelPlan, hosted: HostedTurns,
                 channel.fd = reduction.recv_handle(conn)
                 channel.hash_table = message[1]
                 continue  # no reply: the next pass's is the answer
-            elif message[0] == SAVE:
-                channel.save(message[1], message[2])
-            elif message[0] == RESTORE:
-                channel.restore(message[1], message[2], message[3])
+            elif message[0] in (SAVE, RESTORE):
+                with running:
+                    if message[0] == SAVE:
+                        channel.save(message[1], message[2])
+                    else:
+                        channel.restore(message[1], message[2], message[3])
             else:
                 raise ValueError(f"unknown message {message[0]!r}")
             conn.send_bytes(pickle.dumps((DONE,)))
