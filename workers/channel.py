@@ -311,7 +311,8 @@ class OwnBits:
     channels N times it; on their own chunks, all of them together do one
     block's.  Finding the runs to read of a 1 GiB restore at 8 channels took
     37-53 ms of CPU over the whole windows (8-13 ms at 2 channels), 9-14 ms
-    on own chunks (a save's bits, which find no runs: 4-7 ms either way);
+    on own chunks (a save's bits, which find no runs: 4-7 ms on whole
+    windows, 7-8 ms on own chunks);
     a guest-like 1 GiB restore at 8 channels, 216 -> 198 ms and 217 -> 214
     ms in two A/Bs."""
 
