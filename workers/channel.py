@@ -300,6 +300,7 @@ def rows_nonzero(rows: np.ndarray) -> np.ndarray:
 
 _CHUNK_SHIFT = CHUNK_PAGES.bit_length() - 1  # CHUNK_PAGES is a power of two
 _CHUNK_MASK = CHUNK_PAGES - 1
+_CHUNK_BYTES = CHUNK_PAGES // 8  # a chunk's bytes of a bitmap
 
 
 class OwnBits:
@@ -312,9 +313,8 @@ class OwnBits:
     block's.  Finding the runs to read of a 1 GiB restore at 8 channels took
     37-53 ms of CPU over the whole windows (8-13 ms at 2 channels), 9-14 ms
     on own chunks (a save's bits, which find no runs: 4-7 ms on whole
-    windows, 7-8 ms on own chunks);
-    a guest-like 1 GiB restore at 8 channels, 216 -> 198 ms and 217 -> 214
-    ms in two A/Bs."""
+    windows, 7-8 ms on own chunks); a guest-like 1 GiB restore at 8
+    channels, 216 -> 198 ms and 217 -> 214 ms in two A/Bs."""
 
     __slots__ = ("bits", "own", "pages", "rows")
 
@@ -323,10 +323,9 @@ class OwnBits:
         if bits is None:
             self.rows = np.zeros((own.size, CHUNK_PAGES), dtype=bool)
             return
-        row_bytes = CHUNK_PAGES // 8
-        if bits.size % row_bytes:  # a block's last window may end inside a chunk
-            bits = np.concatenate((bits, np.zeros(-bits.size % row_bytes, np.uint8)))
-        self.rows = np.unpackbits(bits.reshape(-1, row_bytes)[own], axis=1,
+        if bits.size % _CHUNK_BYTES:  # a block's last window may end inside a chunk
+            bits = np.concatenate((bits, np.zeros(-bits.size % _CHUNK_BYTES, np.uint8)))
+        self.rows = np.unpackbits(bits.reshape(-1, _CHUNK_BYTES)[own], axis=1,
                                   bitorder="little").view(bool)
 
     @classmethod
@@ -371,12 +370,12 @@ class OwnBits:
         self.rows &= ~cleared.rows
         self.rows.reshape(-1)[self._positions(set_)] = True
         packed = np.packbits(self.rows, axis=1, bitorder="little")
-        row_bytes = CHUNK_PAGES // 8
-        whole = self.bits.size // row_bytes  # chunks whose bytes are all there
+        whole = self.bits.size // _CHUNK_BYTES  # chunks whose bytes are all there
         full = self.own < whole
-        self.bits[:whole * row_bytes].reshape(whole, row_bytes)[self.own[full]] = packed[full]
+        self.bits[:whole * _CHUNK_BYTES].reshape(whole, _CHUNK_BYTES)[self.own[full]] = \
+            packed[full]
         if not full.all():
-            tail = self.bits[whole * row_bytes:]
+            tail = self.bits[whole * _CHUNK_BYTES:]
             tail[:] = packed[-1, :tail.size]
 
 
