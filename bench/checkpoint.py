@@ -89,6 +89,8 @@ def run(size: int, channels: int, runs: int, directory: Path, sync: bool,
                 for _ in range(runs):
                     seconds, _ = _timed(lambda: ps.save(saved, [block], channels, sync=sync))
                     times["cold save"].append(seconds)
+                    # Its channels exit after it returns: not during the next.
+                    ps.wait_channels()
                     seconds, _ = _timed(ckpt.checkpoint)
                     times["warm full checkpoint"].append(seconds)
                     # Unknown changes (a full checkpoint) leave the other image

@@ -74,6 +74,7 @@ def save(spec: dict[str, Any]) -> dict[str, Any]:
     stats = ps.save(spec["out"], [block], spec["channels"], direct_io=spec["direct_io"],
                     sync=spec["sync"])
     seconds = time.perf_counter() - started
+    ps.wait_channels()  # their exits done before the next contender starts
     return {"seconds": seconds, "phases": stats.phases,
             "pages_written": stats.pages_written, "zero_pages": stats.zero_pages,
             "bytes_written": stats.bytes_written,
@@ -110,6 +111,7 @@ def restore(spec: dict[str, Any]) -> dict[str, Any]:
     stats = ps.restore(spec["source"], [target], spec["channels"],
                        direct_io=spec["direct_io"], assume_zero=True)
     seconds = time.perf_counter() - started
+    ps.wait_channels()
     return {"seconds": seconds, "pages_read": stats.pages_read,
             "pages_zeroed": stats.pages_zeroed, "control_bytes": stats.control_bytes}
 

@@ -50,6 +50,7 @@ from .errors import (
 # Public name -> the module that defines it.
 _LAZY = {
     "clean": "artifacts",
+    "wait_channels": "channels",
     "Checkpointer": "checkpoint", "CheckpointStats": "checkpoint",
     "latest_checkpoint": "checkpoint", "restore_latest": "checkpoint",
     "RamBlock": "blocks",
@@ -67,6 +68,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from .artifacts import clean
     from .blocks import RamBlock
+    from .channels import wait_channels
     from .checkpoint import Checkpointer, CheckpointStats, latest_checkpoint, restore_latest
     from .image import BlockInfo, Image, open_image
     from .restorer import restore
@@ -137,4 +139,5 @@ __all__ = [
     "save",
     "uffd_support",
     "verify_image",
+    "wait_channels",
 ]

@@ -226,3 +226,5 @@ class ChannelPlan:
                                      # (0: no bound; channels.restore_readers)
     passes_in_turn: bool = False     # a process's channels run their passes one at a
                                      # time (channels.passes_in_turn)
+    kept_pages: int = 0              # of its last pass, what a channel leaves mapped
+                                     # for its exit (channels.LAST_PASS_KEPT_BYTES)

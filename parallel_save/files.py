@@ -16,10 +16,9 @@ import os
 import stat
 import threading
 import time
-import weakref
 from collections.abc import Iterator
 
-from . import libc
+from . import background, libc
 from .errors import FileError
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
@@ -93,11 +92,6 @@ def start_writeback(fd: int) -> None:
         libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
-# Threads of close_in_background: each does nothing but one close(2), so
-# holds no lock a forked child could inherit taken.
-_closers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-
-
 def close_in_background(fd: int, name: str) -> threading.Thread:
     """Close ``fd`` on a thread of its own (returned, started): the last
     close of a large unlinked file frees its blocks, which can take seconds
@@ -106,11 +100,9 @@ def close_in_background(fd: int, name: str) -> threading.Thread:
     Returns once the descriptor has left this process's table (the close
     has begun), not when the close ends: a process forked before that
     would inherit the descriptor, and the file would be freed when that
-    child exits (a channel's exit, which its save then waits for)."""
+    child exits (a channel's exit)."""
     held = os.fstat(fd)
-    closer = threading.Thread(target=os.close, args=(fd,), name=name, daemon=True)
-    _closers.add(closer)
-    closer.start()
+    closer = background.start(os.close, (fd,), name, daemon=True)
     while closer.is_alive():
         try:
             now = os.fstat(fd)
@@ -120,18 +112,6 @@ def close_in_background(fd: int, name: str) -> threading.Thread:
             break  # and the number was taken again since
         time.sleep(0.0002)
     return closer
-
-
-def other_threads() -> int:
-    """How many threads of this process, besides the calling one, could
-    hold a lock at a fork: every thread but those of close_in_background.
-    A save that replaced an image leaves one closing it, and the next save
-    in the same process should still fork its channels (spawn costs a
-    fresh interpreter per channel: a 1 GiB save at 8 channels took 2.0 s
-    instead of 0.7 s)."""
-    current = threading.current_thread()
-    return sum(1 for thread in threading.enumerate()
-               if thread is not current and thread not in _closers)
 
 
 def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:

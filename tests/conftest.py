@@ -50,6 +50,7 @@ import numpy as np
 import pytest
 
 import parallel_save as ps
+from parallel_save.channels import STOP_GRACE
 from parallel_save.format import PAGE_SIZE
 
 DATA = Path(__file__).parent / "data"
@@ -157,7 +158,7 @@ def channel_processes() -> list[ChildProcess]:
         for pid in children:
             try:
                 name = Path(f"/proc/{pid}/comm").read_text().strip()
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):
                 continue  # reaped meanwhile
             if name.startswith(("ps channel ", "ps snapshot")):
                 found.append(ChildProcess(int(pid), name))
@@ -178,9 +179,11 @@ def thread_names(pid: int) -> list[str]:
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Every test leaves no channel process and no control segment behind
-    (docs/DESIGN.md, invariant 6)."""
+    (docs/DESIGN.md, invariant 6), once the channels of its finished saves
+    and restores have exited: the calls return before they do."""
     before = set(leftover_segments())
     yield
+    assert ps.wait_channels(timeout=STOP_GRACE + 10), "channels still exiting"
     children = channel_processes()
     assert not children, f"channel processes left behind: {children}"
     assert set(leftover_segments()) <= before, "control segment left in /dev/shm"

@@ -5,9 +5,11 @@ through the pipes, nothing left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import mmap
 import os
+import signal
 import threading
 import uuid
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 from conftest import channel_processes, thread_names
 
 import parallel_save as ps
+from parallel_save import channels
 from parallel_save.blocks import BlockMapping
 from parallel_save.channels import ChannelGroup, passes_in_turn
 from parallel_save.control import CHUNK_PAGES, PAGES_DONE
@@ -716,8 +719,67 @@ def test_restore_leaves_no_process_or_fd(shm, tmp_path):
     target = shm.block("ram0", 1024)
     before = open_fds()
     ps.restore(tmp_path / "vm.img", [target], channels=4)
+    assert ps.wait_channels(timeout=30)
     assert channel_processes() == []
     assert open_fds() <= before
+
+
+def test_a_finished_call_returns_before_its_channels_exit_and_they_are_reaped(
+        shm, tmp_path, monkeypatch):
+    # A polite stop (a checkpointer's close here; every finished save and
+    # restore ends with one) returns once the channels are told.  A thread
+    # of ours reaps them, and kills one still there after STOP_GRACE: here
+    # a channel frozen with SIGSTOP, which cannot exit by itself.
+    monkeypatch.setattr(channels, "STOP_GRACE", 1.0)
+    block = shm.block("ram0", 256, fill=0.5)
+    before = open_fds()
+    checkpointer = ps.Checkpointer(tmp_path, [block], channels=2)
+    checkpointer.checkpoint()
+    frozen = checkpointer._group.processes[0].pid
+    os.kill(frozen, signal.SIGSTOP)
+    checkpointer.close()
+    assert frozen in [process.pid for process in channel_processes()]
+    assert not ps.wait_channels(timeout=0)
+    assert ps.wait_channels(timeout=30)
+    assert channel_processes() == []
+    assert open_fds() <= before
+
+
+@pytest.mark.parametrize("kept_mib", [0, 64])
+def test_a_last_pass_leaves_at_most_its_share_mapped_for_the_exit(shm, tmp_path, monkeypatch,
+                                                                  kept_mib):
+    # The channels' exit unmaps what their last pass kept mapped, up to
+    # LAST_PASS_KEPT_BYTES in all; beyond it a channel unmaps its oldest
+    # windows as it goes, so its page tables stay bounded whatever the
+    # block's size.  Seen from /proc while one channel saves 256 MiB
+    # (mapped: its RssShmem) with 0 or 64 MiB kept: at most that plus the
+    # window it works on and the one its look-ahead thread checks.
+    monkeypatch.setattr(channels, "LAST_PASS_KEPT_BYTES", kept_mib << 20)
+    monkeypatch.setenv("PARALLEL_SAVE_LOOKAHEAD", "1")
+    block = shm.block("ram0", 65536, fill=0.0)  # every page written
+    peak_kib = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for process in channel_processes():
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    status = Path(f"/proc/{process.pid}/status").read_text()
+                    # A process that has exited (a zombie) has no memory lines.
+                    peak_kib.extend(int(line.split()[1]) for line in status.splitlines()
+                                    if line.startswith("RssShmem:"))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        stats = ps.save(tmp_path / "vm.img", [block], channels=1)
+        assert ps.wait_channels(timeout=30)
+    finally:
+        done.set()
+        sampler.join()
+    assert stats.pages_written == 65536
+    bound_kib = (kept_mib << 10) + 2 * WINDOW_PAGES * PAGE_SIZE // 1024 + 1024
+    assert 0 < max(peak_kib) <= bound_kib
 
 
 def test_status_board_counts_each_pass_as_it_ends(shm, tmp_path):

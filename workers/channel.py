@@ -17,6 +17,7 @@ kills it when that process is gone (die_with_coordinator).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import faulthandler
@@ -523,6 +524,10 @@ class Channel:
         self.can_send = True
         self.can_drop = True
         self.last_pass = False
+        # The last pass's windows left mapped, oldest first, and their own
+        # pages (_let_go).
+        self.kept: collections.deque[tuple[BlockMapping, int, int, int]] = collections.deque()
+        self.kept_pages = 0
         self.chunk_bases = np.asarray(plan.control.chunk_bases)
         self.block_pages = plan.control.block_pages
         self.bitmap_bases = plan.control.bitmap_bases
@@ -768,27 +773,37 @@ class Channel:
         row[SHARDS_DONE] += 1
         row[BUSY_NS] += time.perf_counter_ns() - work.started_ns
         if self.last_pass:
-            self._let_go(block, first, end)
+            self._let_go(block, first, end, work.dirty.count())
 
-    def _let_go(self, block: int, first: int, end: int) -> None:
-        """Unmap pages [first, end) of a block from this channel (its file
-        keeps them): after the last pass nothing reads or writes them here
-        again, and a channel that drops each window's mappings once done
-        with it does so while others hold the turn, instead of at its exit,
-        which the coordinator waits for (11-34 ms of a 1 GiB save); its
-        page tables stay a window's worth."""
+    def _let_go(self, block: int, first: int, end: int, own: int) -> None:
+        """Done with pages [first, end) of a block in this channel for good
+        (the last pass); ``own`` of them are its own, the most it mapped.
+        Up to ``plan.kept_pages`` own pages stay mapped,
+        for the channel's exit to unmap after the coordinator's call has
+        returned, as a QEMU never unmaps its guest's memory to migrate it
+        (unmapping 1 GiB costs the channels 40-50 ms of CPU: a guest-like
+        save of it took 253 -> 238 ms at 2 channels, 266 -> 246 ms at 8,
+        unmapped after the call instead of window by window).  Beyond
+        that, the oldest windows are unmapped now (the block's file keeps
+        the pages), so a channel's page tables stay bounded whatever the
+        block's size."""
         mapped = self.blocks[block]
         if mapped.mapping is None or not self.can_drop:
             return  # a private block's bytes are the snapshot itself
-        if self.lookahead is not None:
-            # A lone channel's thread is the one writer (or reader): the
-            # look-ahead thread lets go, once done with the next window
-            # (a dense 1 GiB by one channel: 414-420 ms with the exit's
-            # teardown, 441 ms dropping windows on the writer's thread,
-            # 359 ms on this one).
-            self.lookahead.submit(self._drop, mapped, first, end)
-        else:
-            self._drop(mapped, first, end)
+        self.kept.append((mapped, first, end, own))
+        self.kept_pages += own
+        while self.kept_pages > self.plan.kept_pages:
+            mapped, first, end, own = self.kept.popleft()
+            self.kept_pages -= own
+            if self.lookahead is not None:
+                # A lone channel's thread is the one writer (or reader): the
+                # look-ahead thread lets go, once done with the next window
+                # (a dense 1 GiB by one channel: 414-420 ms with the exit's
+                # teardown, 441 ms dropping windows on the writer's thread,
+                # 359 ms on this one).
+                self.lookahead.submit(self._drop, mapped, first, end)
+            else:
+                self._drop(mapped, first, end)
 
     def _drop(self, mapped: BlockMapping, first: int, end: int) -> None:
         try:
@@ -1015,7 +1030,8 @@ class Channel:
         row[SHARDS_DONE] += 1
         row[BUSY_NS] += time.perf_counter_ns() - started
         if self.last_pass:
-            self._let_go(work.block, work.first, work.first + work.words.shape[0])
+            self._let_go(work.block, work.first, work.first + work.words.shape[0],
+                         work.own_pages)
 
     def _read_or_send(self, work: RestoreWindow) -> int:
         """Bring the window's present pages into the destination a step at
