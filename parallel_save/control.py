@@ -7,15 +7,17 @@ It holds, for a save or restore with N channels over blocks of P pages:
 
 - ``counters[N, COUNTERS]`` (int64): each channel adds to its own row only,
   so the coordinator can read progress at any time without a lock;
-- ``file_bitmaps[N, bitmap bytes]``: each channel's own view of which pages
-  it left in the file (set) or found zero (clear);
+- ``file_bitmaps[N, bitmap bytes]``: which pages the channels left in the
+  file (set) or found zero (clear), each chunk's bits in the row of the
+  channel that last handled it;
 - ``pass_bitmap[bitmap bytes]``: written by the coordinator before a pass:
   the dirty pages of a save pass, or the present pages of a restore;
 - with the hash tracker only (tracking/hashing.py): ``hash_keys[2, 1024]``
   (uint64), drawn by the coordinator for this save, and
   ``page_hashes[tables, pages, 2]`` (uint64, every block's pages end to
-  end): the hash of what the file holds for each page, kept by the page's
-  channel; one table per image file (a checkpointer's two images).
+  end): the hash of what the file holds for each page, kept by the channel
+  that handles the page; one table per image file (a checkpointer's two
+  images).
 
 Bitmaps are packed little-endian bits, each block's at its own 8-byte
 aligned base, exactly QEMU's on-disk words, so merging them and writing
@@ -25,13 +27,21 @@ The segment is a memfd: it has no name anywhere, so nothing can be
 planted in its place or left behind by a killed save; the channels get
 its descriptor, not a path.
 
-Work is dealt in chunks of ``CHUNK_PAGES`` pages, and chunk g of the image
-always belongs to channel ``g % N``.  Because a page is always handled by
-the same channel, that channel's bit for it is the one from the last pass
-that handled it, and merging the channels' bitmaps is a plain OR
-(docs/DESIGN.md, invariant 2).  A chunk is a multiple of 64 pages, so no
-two channels ever write the same byte, nor the same 64-bit word, of any
-bitmap.
+Work comes in chunks of ``CHUNK_PAGES`` pages, a pass's chunks in shards
+of ``shard_chunks`` consecutive chunk numbers (SHARD_CHUNKS, or more for a
+huge image), which the channels claim one at a time, each as it becomes
+free, from the claims pipe: before a pass the coordinator writes each
+shard's number into it (CLAIM_BYTES each, all in one write), and a channel
+reads one number per claim until the pipe is empty (the kernel hands each
+number to one reader).  So a channel with cheap pages (zero, say) takes
+more of them, and all channels end their pass together, where shards dealt
+out by number left one channel working while another waited (a guest-like
+image: one of two channels done 16-41 ms before the other).  A chunk's bits
+in the file bitmaps live in the row of the channel that last handled it:
+that channel takes them over from the other rows, clearing those, before
+it stores what it found, so merging the rows is a plain OR (docs/DESIGN.md,
+invariant 2).  A chunk is a multiple of 64 pages, so no two channels ever
+write the same byte, nor the same 64-bit word, of any bitmap.
 """
 
 from __future__ import annotations
@@ -52,10 +62,19 @@ CHUNK_PAGES = 512
 if CHUNK_PAGES % 64:
     # The OR merge of the channels' bitmaps relies on it (module docstring).
     raise ImportError(f"CHUNK_PAGES ({CHUNK_PAGES}) must be a multiple of 64")
+# A shard, a channel's claim and window of work: 16 MiB, what a window held
+# of a channel's own chunks when they were dealt out by number (at 8
+# channels a 1 % pass took 40 ms with windows of 2 own chunks, 24 ms with
+# 8); a lone channel's are twice that (channels.shard_chunks).
+SHARD_CHUNKS = 8
+LONE_SHARD_CHUNKS = 16
+# A shard's number in the claims pipe: little-endian int32.
+CLAIM_BYTES = 4
 
 # Messages, coordinator to channel (pickled tuples of a few hundred bytes:
 # chunk numbers, never page bytes).
-SAVE = "save"          # (SAVE, chunks, last): write the dirty pages of these chunks
+SAVE = "save"          # (SAVE, chunks, last): write the dirty pages of the claimed
+                       # shards of these chunks (every channel gets all of them)
 RESTORE = "restore"    # (RESTORE, chunks, zero_clear, last): read the present pages
                        # (last: the channel exits once it has answered, as after STOP)
 STOP = "stop"          # (STOP,): close everything and exit
@@ -201,7 +220,7 @@ class ControlSegment:
         return row[base:base + bitmap_size(self.layout.block_pages[block])]
 
     def merged_file_bitmap(self) -> np.ndarray:
-        """The OR of every channel's file bitmap (see the module docstring)."""
+        """The OR of the channels' file bitmaps (see the module docstring)."""
         return np.bitwise_or.reduce(self.file_bitmaps, axis=0)
 
 
@@ -228,3 +247,4 @@ class ChannelPlan:
                                      # time (channels.passes_in_turn)
     kept_pages: int = 0              # of its last pass, what a channel leaves mapped
                                      # for its exit (channels.LAST_PASS_KEPT_BYTES)
+    shard_chunks: int = SHARD_CHUNKS # chunk numbers per shard (channels.shard_chunks)

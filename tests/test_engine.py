@@ -11,6 +11,7 @@ import mmap
 import os
 import signal
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -23,10 +24,9 @@ import parallel_save as ps
 from parallel_save import channels
 from parallel_save.blocks import BlockMapping
 from parallel_save.channels import ChannelGroup, passes_in_turn
-from parallel_save.control import CHUNK_PAGES, PAGES_DONE
+from parallel_save.control import CHUNK_PAGES, LONE_SHARD_CHUNKS, PAGES_DONE, SHARD_CHUNKS
 from parallel_save.format import PAGE_SIZE
 from parallel_save.workers.channel import (
-    WINDOW_PAGES,
     HostedTurns,
     OwnBits,
     Turns,
@@ -343,6 +343,56 @@ def test_channels_of_one_process_take_turns_among_themselves():
         os.close(fd)
 
 
+def test_channels_claim_shards_as_they_become_free_and_take_over_their_bits(
+        shm, tmp_path, monkeypatch):
+    # A channel frozen (SIGSTOP) through a pass claims no shard of it: the
+    # other claims them all and handles every page before the frozen one
+    # resumes (woken from the progress report that shows the pass done).
+    # Dealt out by number, half the shards would have waited for it.  Then
+    # the other way round, with pages turned zero: their bits, which the
+    # first pass left in the other channel's row, move to the one that now
+    # finds them zero; left there, the OR merge would call them present,
+    # and the file still holds their old bytes.
+    monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", "2")
+    block = shm.block("ram0", 4 * SHARD_CHUNKS * CHUNK_PAGES, fill=0.5, seed=71)
+    pages = block.array.reshape(-1, PAGE_SIZE)
+    path = tmp_path / "vm.img"
+    frozen: list[int] = []
+    frozen_at = [0.0]
+
+    def resume(phase: str, done: int, total: int) -> None:
+        # (Or after 10 s: a channel that could not do the frozen one's
+        # share would otherwise wait for it for ever.)
+        if frozen and (done == total or time.monotonic() - frozen_at[0] > 10):
+            os.kill(frozen.pop(), signal.SIGCONT)
+
+    with ps.Saver(path, [block], channels=2, on_progress=resume) as saver:
+        saver.setup()
+        pids = [process.pid for process in saver._group.processes]
+        counters = saver._group.control.counters
+
+        def pass_by(channel: int, run) -> np.ndarray:
+            frozen.append(pids[1 - channel])
+            frozen_at[0] = time.monotonic()
+            os.kill(frozen[0], signal.SIGSTOP)
+            before = counters[:, PAGES_DONE].copy()
+            run()
+            assert not frozen  # resumed, once the pass was done
+            return counters[:, PAGES_DONE] - before
+
+        assert list(pass_by(1, saver.iterate)) == [0, block.pages]
+        written = np.flatnonzero(nonzero_pages(block))
+        turned_zero = written[::3]
+        pages[turned_zero] = 0
+        dirty = np.zeros(block.pages, dtype=bool)
+        dirty[turned_zero] = True
+        assert list(pass_by(0, lambda: saver.complete({"ram0": dirty}))) == [
+            turned_zero.size, 0]
+    with ps.open_image(path) as image:
+        assert image.blocks["ram0"].pages_present == written.size - turned_zero.size
+        assert np.array_equal(image.read_block("ram0"), block.array)
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_channels_hosted_by_fewer_processes_save_and_restore_exactly(shm, tmp_path,
                                                                      monkeypatch, method):
@@ -361,9 +411,7 @@ def test_channels_hosted_by_fewer_processes_save_and_restore_exactly(shm, tmp_pa
         assert sorted(len(process.numbers) for process in hosts.values()) == [2, 3]
         saver.iterate()
         stats = saver.complete({b.name: mutate(b, rng) for b in blocks})
-    # Channel n handles chunks n, n + 5, ...: each of the five has some.
     assert [row.channel for row in stats.channel_stats] == list(range(5))
-    assert all(row.pages_written > 0 for row in stats.channel_stats)
     assert sum(row.pages_written for row in stats.channel_stats) == stats.pages_written
     assert stats.pages_written >= sum(int(nonzero_pages(b).sum()) for b in blocks)
     monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", "1")
@@ -566,7 +614,8 @@ def test_page_bytes_never_cross_a_pipe(shm, tmp_path):
         control[pages] = (stats.control_bytes, restored.control_bytes)
     for save_bytes, restore_bytes in control.values():
         assert 0 < save_bytes < 64 << 10 and 0 < restore_bytes < 64 << 10
-    # 60 MiB more adds 30 chunk numbers (4 bytes each) to the messages.
+    # 60 MiB more adds 30 chunk numbers (4 bytes each) to each channel's
+    # message (every channel gets the pass's chunks: control.py).
     assert control[16384][0] - control[1024][0] < 1024
     assert control[16384][1] - control[1024][1] < 1024
 
@@ -706,7 +755,7 @@ def test_a_lone_channel_sends_what_its_look_ahead_thread_does_not_read(
     assert stats.pages_read == present
     pages_sent = stats.channel_stats[0].pages_sent
     if sent == "all":  # but the first window's, whose runs are short
-        assert pages_sent == int(nonzero_pages(block)[WINDOW_PAGES:].sum())
+        assert pages_sent == int(nonzero_pages(block)[LONE_SHARD_CHUNKS * CHUNK_PAGES:].sum())
     elif sent == "none":
         assert pages_sent == 0
     else:  # how the two threads share the steps is the scheduler's choice
@@ -778,7 +827,7 @@ def test_a_last_pass_leaves_at_most_its_share_mapped_for_the_exit(shm, tmp_path,
         done.set()
         sampler.join()
     assert stats.pages_written == 65536
-    bound_kib = (kept_mib << 10) + 2 * WINDOW_PAGES * PAGE_SIZE // 1024 + 1024
+    bound_kib = (kept_mib << 10) + 2 * LONE_SHARD_CHUNKS * CHUNK_PAGES * PAGE_SIZE // 1024 + 1024
     assert 0 < max(peak_kib) <= bound_kib
 
 

@@ -11,6 +11,7 @@ test_format_fuzz.py's business.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -32,6 +33,7 @@ from conftest import channel_processes, mounted
 from test_engine import open_fds
 
 import parallel_save as ps
+from parallel_save.control import CHUNK_PAGES, SHARD_CHUNKS
 from parallel_save.format import PAGE_SIZE
 from parallel_save.signals import signals_deferred
 
@@ -276,29 +278,31 @@ def test_channel_killed_in_place_leaves_an_incomplete_image(shm, tmp_path):
 
 
 def test_channel_killed_mid_restore_fails_the_restore(shm, tmp_path):
-    # Channel 0 gets every even chunk, each with every other page present,
-    # read with O_DIRECT: hundreds of milliseconds of reads.  Channel 1's
-    # chunks are zero and answer at once; its answer wakes the coordinator,
-    # which kills channel 0 in the middle of its reads.
-    pages = 16 * 512
+    # Every other page of the first shard present, read with O_DIRECT:
+    # hundreds of milliseconds of reads for the channel that claims it.  The
+    # other finds nothing to claim and answers at once; its answer wakes the
+    # coordinator, whose progress report kills the channels: the reading
+    # one in the middle of its reads.
+    pages = 2 * SHARD_CHUNKS * CHUNK_PAGES
     block = shm.block("ram0", pages)
     index = np.arange(pages)
-    block.array.reshape(-1, PAGE_SIZE)[(index // 512 % 2 == 0) & (index % 2 == 0)] = 7
+    block.array.reshape(-1, PAGE_SIZE)[(index < pages // 2) & (index % 2 == 0)] = 7
     path = tmp_path / "vm.img"
     ps.save(path, [block], channels=2)
     target = shm.block("ram0", pages)
     killed = {}
 
-    def kill_channel_0(*progress) -> None:
+    def kill_channels(*progress) -> None:
         if not killed:
-            victim = next(p for p in channel_processes() if p.name.endswith("channel 0"))
             killed["at"] = time.monotonic()
-            os.kill(victim.pid, signal.SIGKILL)
+            for process in channel_processes():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
 
-    with pytest.raises(ps.ChannelError, match=r"^channel 0 failed: the process was "
+    with pytest.raises(ps.ChannelError, match=r"^channel [01] failed: the process was "
                                               r"killed by SIGKILL$"):
         ps.restore(path, [target], channels=2, direct_io=True, assume_zero=True,
-                   on_progress=kill_channel_0)
+                   on_progress=kill_channels)
     assert time.monotonic() - killed["at"] < PROMPT
 
 
@@ -309,13 +313,16 @@ def test_channel_killed_mid_restore_fails_the_restore(shm, tmp_path):
 def test_channel_write_error_is_reported_with_its_cause(shm, tmp_path, monkeypatch,
                                                          lookahead):
     monkeypatch.setenv("PARALLEL_SAVE_LOOKAHEAD", lookahead)
-    block = shm.block("ram0", 1024, fill=0.0)  # chunk 1 (channel 1) at 3..5 MiB
+    monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", "2")
+    block = shm.block("ram0", 1024, fill=0.0)  # its pages at 1..5 MiB of the file
     path = tmp_path / "vm.img"
     with ps.Saver(path, [block], channels=2) as saver:
         saver.setup()
-        # Files that channel 1 writes may not reach 2 MiB: EFBIG.
+        # Files that channel 1 writes may not reach 2 MiB: EFBIG.  Channel 0
+        # is frozen, so channel 1 claims every shard (its stop kills it).
         resource.prlimit(saver._group.processes[1].pid, resource.RLIMIT_FSIZE,
                          (2 << 20, 2 << 20))
+        os.kill(saver._group.processes[0].pid, signal.SIGSTOP)
         with pytest.raises(ps.ChannelError) as caught:
             saver.iterate()
     assert caught.value.channel == 1
@@ -451,7 +458,10 @@ def test_directory_removed_under_a_save_fails_complete(shm, tmp_path):
 
 
 def test_io_error_in_a_channel_is_reported(shm, failing_disk):
-    block = shm.block("ram0", 1024, fill=0.0)
+    # 16 MiB, in several writes: a lone 4 MiB write was seen to complete
+    # after the device had been made to fail (its error left to the file
+    # system's journal), three times in five.
+    block = shm.block("ram0", 4096, fill=0.0)
     with ps.Saver(failing_disk.mount_point / "vm.img", [block], channels=2,
                   direct_io=True) as saver:
         saver.setup()

@@ -44,6 +44,7 @@ from ..control import (
     BUSY_NS,
     BYTES_WRITTEN,
     CHUNK_PAGES,
+    CLAIM_BYTES,
     DONE,
     ERROR,
     HASH_LANES,
@@ -195,12 +196,6 @@ def die_with_coordinator(plan: ChannelPlan, forked_by_main_thread: bool = False)
     named.wait()  # so that a channel that says READY shows its threads' names
 
 
-# A channel handles its chunks a window at a time: every numpy call then
-# covers up to 16 chunks (32 MiB), so a sparse pass (1 % dirty) costs a
-# few calls per window instead of a dozen per chunk.  Windows are whole
-# chunks, so a window's bits are whole bytes of the bitmaps.  (At 1 and 2
-# channels; more channels get larger windows, see Channel.)
-WINDOW_PAGES = 16 * CHUNK_PAGES
 # The longest single pwrite/pread: large enough to stream, small enough to
 # report progress and to keep one call from holding the file for long.
 MAX_SPAN_PAGES = 2048
@@ -239,7 +234,7 @@ MAX_WAITING_STEPS = 8
 # With the hash tracker, windows of 4 MiB: each is copied to private
 # memory, and hashing dwarfs the per-window numpy calls anyway.
 HASH_WINDOW_PAGES = 2 * CHUNK_PAGES
-if WINDOW_PAGES % CHUNK_PAGES or HASH_WINDOW_PAGES % CHUNK_PAGES:
+if HASH_WINDOW_PAGES % CHUNK_PAGES:
     raise ImportError("a channel's windows must be whole chunks")
 
 
@@ -305,17 +300,14 @@ _CHUNK_BYTES = CHUNK_PAGES // 8  # a chunk's bytes of a bitmap
 
 
 class OwnBits:
-    """A window's bits (its bytes of a bitmap) in the chunks a channel owns
-    (``own``: their ascending indexes in the window), unpacked one row of
-    CHUNK_PAGES per chunk.  Chunks are dealt round the channels, so a
-    window holds 1/N of its chunks for each of N channels: on the whole
-    window, each channel would do a lone channel's work on the bits, N
-    channels N times it; on their own chunks, all of them together do one
-    block's.  Finding the runs to read of a 1 GiB restore at 8 channels took
-    37-53 ms of CPU over the whole windows (8-13 ms at 2 channels), 9-14 ms
-    on own chunks (a save's bits, which find no runs: 4-7 ms on whole
-    windows, 7-8 ms on own chunks); a guest-like 1 GiB restore at 8
-    channels, 216 -> 198 ms and 217 -> 214 ms in two A/Bs."""
+    """A window's bits (its bytes of a bitmap) in the chunks a channel
+    handles there (``own``: their ascending indexes in the window, the
+    pass's chunks of a shard it claimed), unpacked one row of CHUNK_PAGES
+    per chunk: a sparse pass's window costs what its chunks hold.  (When
+    chunks were dealt round the channels, a window held 1/N of them for
+    each of N channels, and on whole windows N channels did N times a lone
+    channel's work on the bits: finding the runs to read of a 1 GiB restore
+    at 8 channels took 37-53 ms of CPU, 9-14 ms on own chunks.)"""
 
     __slots__ = ("bits", "own", "pages", "rows")
 
@@ -505,10 +497,11 @@ def _pread(fd: int, buffer: memoryview, offset: int) -> int:
 
 class Channel:
     def __init__(self, number: int, plan: ChannelPlan, image_fd: int, control_fd: int,
-                 hosted: HostedTurns | None = None) -> None:
+                 claims_fd: int, hosted: HostedTurns | None = None) -> None:
         self.number = number
         self.plan = plan
         self.fd = image_fd
+        self.claims = claims_fd  # the claims pipe's read end (control.py)
         self.control = ControlSegment.attach(plan.control, control_fd)
         self.counters = self.control.counters[number]
         self.file_bits = self.control.file_bitmaps[number]
@@ -531,11 +524,12 @@ class Channel:
         self.chunk_bases = np.asarray(plan.control.chunk_bases)
         self.block_pages = plan.control.block_pages
         self.bitmap_bases = plan.control.bitmap_bases
-        # Chunks are dealt round the channels, so a window of 16 chunks
-        # holds 16 / N of a channel's own: the window grows with the count
-        # to keep 8 of them (at 8 channels a 1 % pass took 40 ms with
-        # windows of 2 own chunks, 24 ms with 8; full passes took the same).
-        self.window_pages = WINDOW_PAGES * max(1, plan.control.channels // 2)
+        # A channel handles its chunks a window at a time, a window being a
+        # shard it claimed (control.SHARD_CHUNKS): every numpy call then
+        # covers up to 8 chunks (16 MiB), so a sparse pass (1 % dirty) costs
+        # a few calls per window instead of a dozen per chunk.  Windows are
+        # whole chunks, so a window's bits are whole bytes of the bitmaps.
+        self.window_pages = plan.shard_chunks * CHUNK_PAGES
         # With a core to spare, a second thread works a window ahead: zero
         # checks of a save, mapping the destination's pages of a restore.
         self.lookahead = (futures.ThreadPoolExecutor(1, "look-ahead")
@@ -561,26 +555,44 @@ class Channel:
         if self.lookahead is not None:
             self.lookahead.shutdown()
         os.close(self.fd)
+        os.close(self.claims)
         self.control.close()
         for block in self.blocks:
             block.close()
 
+    def _claimed(self, chunks: np.ndarray):
+        """The chunks (of the pass's ``chunks``, ascending) of each shard
+        this channel claims, until the claims pipe is empty."""
+        width = self.plan.shard_chunks
+        while True:
+            try:
+                claim = os.read(self.claims, CLAIM_BYTES)
+            except BlockingIOError:
+                return  # every shard of the pass is claimed
+            if not claim:
+                return  # the coordinator is gone
+            shard = int.from_bytes(claim, "little")
+            low, high = np.searchsorted(chunks, (shard * width, (shard + 1) * width))
+            yield chunks[low:high]
+
     def _windows(self, chunks: np.ndarray):
-        """Group this channel's chunks (ascending) by block and window:
-        yields (block, first page, end page, own), ``own`` the ascending
-        indexes in the window of its chunks among these (see OwnBits)."""
-        blocks = np.searchsorted(self.chunk_bases, chunks, side="right") - 1
-        local = chunks - self.chunk_bases[blocks]
+        """The windows of the shards this channel claims of these chunks
+        (ascending): yields (block, first page, end page, own), ``own`` the
+        ascending indexes in the window of the chunks to handle (see
+        OwnBits; a shard is one window, or two where it spans blocks)."""
         per_window = self.window_pages // CHUNK_PAGES
-        keys = blocks.astype(np.int64) << 32 | local // per_window
-        bounds = np.flatnonzero(np.diff(keys)) + 1
-        for group in np.split(np.arange(chunks.size), bounds):
-            if not group.size:
-                continue
-            block = int(blocks[group[0]])
-            first = int(local[group[0]] // per_window) * self.window_pages
-            end = min(first + self.window_pages, self.block_pages[block])
-            yield block, first, end, local[group] % per_window
+        for shard in self._claimed(chunks):
+            blocks = np.searchsorted(self.chunk_bases, shard, side="right") - 1
+            local = shard - self.chunk_bases[blocks]
+            keys = blocks.astype(np.int64) << 32 | local // per_window
+            bounds = np.flatnonzero(np.diff(keys)) + 1
+            for group in np.split(np.arange(shard.size), bounds):
+                if not group.size:
+                    continue
+                block = int(blocks[group[0]])
+                first = int(local[group[0]] // per_window) * self.window_pages
+                end = min(first + self.window_pages, self.block_pages[block])
+                yield block, first, end, local[group] % per_window
 
     def _bits(self, row: np.ndarray, block: int, first: int, end: int) -> np.ndarray:
         """The packed bits of pages [first, end) of a block in a bitmap row
@@ -591,6 +603,22 @@ class Channel:
     def _own_bits(self, row: np.ndarray, block: int, first: int, end: int,
                   own: np.ndarray) -> OwnBits:
         return OwnBits(self._bits(row, block, first, end), own, end - first)
+
+    def _take_file_bits(self, block: int, first: int, end: int, own: np.ndarray) -> OwnBits:
+        """This channel's file bits of a window's chunks ``own``, once it
+        has taken over those chunks' bits from the other channels' rows,
+        clearing them there: a chunk's bits live in the row of the channel
+        that last handled it (control.py), which from now on is this one."""
+        base = self.bitmap_bases[block] + first // 8
+        size = (end - first + 7) // 8
+        if self.plan.control.channels > 1 and own.size:
+            rows = self.control.file_bitmaps[:, base:base + size]
+            columns = (own[:, None] * _CHUNK_BYTES + np.arange(_CHUNK_BYTES)).ravel()
+            columns = columns[columns < size]
+            taken = np.bitwise_or.reduce(rows[:, columns], axis=0)
+            rows[:, columns] = 0
+            rows[self.number, columns] = taken
+        return OwnBits(self.file_bits[base:base + size], own, end - first)
 
     def _populate(self, block: int, first: int, starts: np.ndarray, ends: np.ndarray,
                   write: bool) -> None:
@@ -759,9 +787,9 @@ class Channel:
 
     def _account(self, work: SaveWindow, written: np.ndarray, nbytes: int, calls: int) -> None:
         block, first, end = work.block, work.first, work.end
-        # This channel always handles these chunks, so its bits here are
-        # the latest: written pages set, dirty pages found zero cleared.
-        self._own_bits(self.file_bits, block, first, end, work.dirty.own).store(
+        # Written pages set, dirty pages found zero cleared, in the bits
+        # this channel now holds for these chunks.
+        self._take_file_bits(block, first, end, work.dirty.own).store(
             cleared=work.dirty, set_=written)
         row = self.counters
         row[PAGES_WRITTEN] += written.size
@@ -1201,7 +1229,8 @@ def _serve(number: int, conn, plan: ChannelPlan, hosted: HostedTurns,
     try:
         image_fd = reduction.recv_handle(conn)
         control_fd = reduction.recv_handle(conn)
-        channel = Channel(number, plan, image_fd, control_fd, hosted)
+        claims_fd = reduction.recv_handle(conn)
+        channel = Channel(number, plan, image_fd, control_fd, claims_fd, hosted)
         opened.append(channel)
         conn.send_bytes(pickle.dumps((READY,)))
         while True:
