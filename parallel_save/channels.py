@@ -465,6 +465,7 @@ class ChannelGroup:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._ready = False                   # every channel said READY
+        self._passes = 0                      # passes run
         self.exiting = False                  # sent their last pass: no STOP needed
         self.holder: int | None = None        # a snapshot's holder process
         self.snapshot_pause = 0.0             # seconds the caller was stopped for it
@@ -604,7 +605,8 @@ class ChannelGroup:
         total = self._load_pass_bitmap([None if d is None else np.packbits(d, bitorder="little")
                                         for d in dirty])
         chunks = self._chunks_with_bits()
-        return self._run((SAVE, chunks, last), chunks, progress, total, last)
+        return self._run(lambda shards, claim: (SAVE, shards, claim, last), chunks,
+                         progress, total, last)
 
     def restore_pass(self, present: Sequence[np.ndarray], zero_clear: bool,
                      progress: PassProgress | None = None, last: bool = False) -> PassCounts:
@@ -618,7 +620,8 @@ class ChannelGroup:
             total = sum(self.control.layout.block_pages)
         else:  # only chunks with pages to read: an empty image costs nothing
             chunks, total = self._chunks_with_bits(), present_pages
-        return self._run((RESTORE, chunks, zero_clear, last), chunks, progress, total, last)
+        return self._run(lambda shards, claim: (RESTORE, shards, zero_clear, claim, last),
+                         chunks, progress, total, last)
 
     def file_bitmaps(self) -> list[np.ndarray]:
         """Each block's bitmap of pages in the file, in QEMU's packed words:
@@ -631,15 +634,20 @@ class ChannelGroup:
                     hash_table: int = 0) -> None:
         """Make every channel work on another image file from now on, whose
         bitmaps (packed, one per block) say which pages it holds: what a
-        checkpointer does when it turns from one image to the other.  The
-        bits go in channel 0's row (whichever channel handles a chunk next
-        takes them over: control.py).  With the hash tracker, ``hash_table``
-        holds the hashes of what that file holds."""
+        checkpointer does when it turns from one image to the other.  Each
+        channel gets the bits of the shards dealt to it, as if it had
+        written them (see control.py: the OR merge rests on it).  With the
+        hash tracker, ``hash_table`` holds the hashes of what that file
+        holds."""
         control = self.control
-        control.file_bitmaps[:] = 0
         for index, bits in enumerate(file_bitmaps):
-            row = control.block_bits(control.file_bitmaps[0], index)
-            row[:bits.size] = bits
+            chunk_of_byte = (control.layout.chunk_bases[index]
+                             + np.arange(bits.size) // (CHUNK_PAGES // 8))
+            owner = chunk_of_byte // self.plan.shard_chunks % self.count
+            for number in range(self.count):
+                row = control.block_bits(control.file_bitmaps[number], index)
+                row[:bits.size] = np.where(owner == number, bits, 0)
+                row[bits.size:] = 0
         for number in range(self.count):
             self._send(number, (SWITCH, hash_table))
             try:
@@ -711,10 +719,14 @@ class ChannelGroup:
         if shards and os.write(self.claims_write, shards) != len(shards):
             raise OSError(f"the claims pipe took part of {len(shards)} bytes")
 
-    def _run(self, message: tuple, chunks: np.ndarray, progress: PassProgress | None,
-             total: int, last: bool) -> PassCounts:
-        """A pass: offer the shards of ``chunks``, send every channel
-        ``message``, wait until all are done."""
+    def _run(self, message: Callable[[np.ndarray, bool], tuple], chunks: np.ndarray,
+             progress: PassProgress | None, total: int, last: bool) -> PassCounts:
+        """A pass over ``chunks``: each channel gets ``message(its chunks,
+        claim)``.  The group's first pass, when it is also its last (a
+        one-pass save, a restore), has every channel claim shards of all of
+        them from the claims pipe as it becomes free; any other pass deals
+        shard s to channel s % N, the same channel every time, whose
+        mappings of it are then warm (control.py)."""
         if not self._ready:
             self._wait_ready()
         self.exiting = last
@@ -725,9 +737,16 @@ class ChannelGroup:
             if progress is not None:
                 progress(int(counters[:, PAGES_DONE].sum() - before[PAGES_DONE]), total)
 
-        self._offer(chunks)
-        for number in range(self.count):
-            self._send(number, message)
+        claim = last and not self._passes
+        self._passes += 1
+        if claim:
+            self._offer(chunks)
+            for number in range(self.count):
+                self._send(number, message(chunks, True))
+        else:
+            owners = chunks // self.plan.shard_chunks % self.count
+            for number in range(self.count):
+                self._send(number, message(chunks[owners == number], False))
         self._wait_all(DONE, report)
         report()
         delta = counters.sum(axis=0) - before

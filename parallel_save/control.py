@@ -7,9 +7,8 @@ It holds, for a save or restore with N channels over blocks of P pages:
 
 - ``counters[N, COUNTERS]`` (int64): each channel adds to its own row only,
   so the coordinator can read progress at any time without a lock;
-- ``file_bitmaps[N, bitmap bytes]``: which pages the channels left in the
-  file (set) or found zero (clear), each chunk's bits in the row of the
-  channel that last handled it;
+- ``file_bitmaps[N, bitmap bytes]``: each channel's own view of which pages
+  it left in the file (set) or found zero (clear);
 - ``pass_bitmap[bitmap bytes]``: written by the coordinator before a pass:
   the dirty pages of a save pass, or the present pages of a restore;
 - with the hash tracker only (tracking/hashing.py): ``hash_keys[2, 1024]``
@@ -29,19 +28,23 @@ its descriptor, not a path.
 
 Work comes in chunks of ``CHUNK_PAGES`` pages, a pass's chunks in shards
 of ``shard_chunks`` consecutive chunk numbers (SHARD_CHUNKS, or more for a
-huge image), which the channels claim one at a time, each as it becomes
-free, from the claims pipe: before a pass the coordinator writes each
-shard's number into it (CLAIM_BYTES each, all in one write), and a channel
-reads one number per claim until the pipe is empty (the kernel hands each
-number to one reader).  So a channel with cheap pages (zero, say) takes
-more of them, and all channels end their pass together, where shards dealt
-out by number left one channel working while another waited (a guest-like
-image: one of two channels done 16-41 ms before the other).  A chunk's bits
-in the file bitmaps live in the row of the channel that last handled it:
-that channel takes them over from the other rows, clearing those, before
-it stores what it found, so merging the rows is a plain OR (docs/DESIGN.md,
-invariant 2).  A chunk is a multiple of 64 pages, so no two channels ever
-write the same byte, nor the same 64-bit word, of any bitmap.
+huge image).  In most passes shard s goes to channel ``s % N``, always the
+same channel: its mappings of the shard stay warm from pass to pass, and
+its bits for the shard's pages are the ones from the last pass that
+handled them.  But in a channel group's first pass when it is also its
+last (a one-pass save, a restore: every page, nothing warm), the channels
+claim the shards one at a time, each as it becomes free, from the claims
+pipe: the coordinator writes every shard's number into it (CLAIM_BYTES
+each, all in one write), and a channel reads one number per claim until
+the pipe is empty (the kernel hands each number to one reader).  So a
+channel with cheap pages (zero, say) takes more of them, and the channels
+end their pass together, where shards dealt out by number left one
+channel working while another waited.  Since a claimed pass comes first,
+every row of the file bitmaps is empty before it, and last, no pass
+follows: either way each page's bit is set in one row at most, and
+merging the rows is a plain OR (docs/DESIGN.md, invariant 2).  A chunk is
+a multiple of 64 pages, so no two channels ever write the same byte, nor
+the same 64-bit word, of any bitmap.
 """
 
 from __future__ import annotations
@@ -73,9 +76,9 @@ CLAIM_BYTES = 4
 
 # Messages, coordinator to channel (pickled tuples of a few hundred bytes:
 # chunk numbers, never page bytes).
-SAVE = "save"          # (SAVE, chunks, last): write the dirty pages of the claimed
-                       # shards of these chunks (every channel gets all of them)
-RESTORE = "restore"    # (RESTORE, chunks, zero_clear, last): read the present pages
+SAVE = "save"          # (SAVE, chunks, claim, last): write the dirty pages of these
+                       # chunks (claim: of the shards of them it claims)
+RESTORE = "restore"    # (RESTORE, chunks, zero_clear, claim, last): read the present pages
                        # (last: the channel exits once it has answered, as after STOP)
 STOP = "stop"          # (STOP,): close everything and exit
 SWITCH = "switch"      # (SWITCH, hash table), then a descriptor on the connection:

@@ -24,7 +24,13 @@ import parallel_save as ps
 from parallel_save import channels
 from parallel_save.blocks import BlockMapping
 from parallel_save.channels import ChannelGroup, passes_in_turn
-from parallel_save.control import CHUNK_PAGES, LONE_SHARD_CHUNKS, PAGES_DONE, SHARD_CHUNKS
+from parallel_save.control import (
+    CHUNK_PAGES,
+    LONE_SHARD_CHUNKS,
+    PAGES_DONE,
+    PAGES_WRITTEN,
+    SHARD_CHUNKS,
+)
 from parallel_save.format import PAGE_SIZE
 from parallel_save.workers.channel import (
     HostedTurns,
@@ -343,54 +349,74 @@ def test_channels_of_one_process_take_turns_among_themselves():
         os.close(fd)
 
 
-def test_channels_claim_shards_as_they_become_free_and_take_over_their_bits(
-        shm, tmp_path, monkeypatch):
-    # A channel frozen (SIGSTOP) through a pass claims no shard of it: the
-    # other claims them all and handles every page before the frozen one
-    # resumes (woken from the progress report that shows the pass done).
-    # Dealt out by number, half the shards would have waited for it.  Then
-    # the other way round, with pages turned zero: their bits, which the
-    # first pass left in the other channel's row, move to the one that now
-    # finds them zero; left there, the OR merge would call them present,
-    # and the file still holds their old bytes.
+def test_a_one_pass_saves_channels_claim_shards_as_they_become_free(shm, tmp_path,
+                                                                    monkeypatch):
+    # A channel frozen (SIGSTOP) through a one-pass save claims no shard of
+    # it: the other claims them all and handles every page before the
+    # frozen one resumes (woken from the progress report that shows the
+    # pass done, or after 10 s: dealt out by number, half the shards would
+    # wait for it).  The same for a restore.
     monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", "2")
     block = shm.block("ram0", 4 * SHARD_CHUNKS * CHUNK_PAGES, fill=0.5, seed=71)
-    pages = block.array.reshape(-1, PAGE_SIZE)
     path = tmp_path / "vm.img"
     frozen: list[int] = []
     frozen_at = [0.0]
 
+    reports = []
+
     def resume(phase: str, done: int, total: int) -> None:
-        # (Or after 10 s: a channel that could not do the frozen one's
-        # share would otherwise wait for it for ever.)
+        reports.append((phase, done, total))
         if frozen and (done == total or time.monotonic() - frozen_at[0] > 10):
             os.kill(frozen.pop(), signal.SIGCONT)
 
+    def freeze(group: ChannelGroup, channel: int) -> None:
+        frozen.append(group.processes[channel].pid)
+        frozen_at[0] = time.monotonic()
+        os.kill(frozen[0], signal.SIGSTOP)
+
     with ps.Saver(path, [block], channels=2, on_progress=resume) as saver:
         saver.setup()
-        pids = [process.pid for process in saver._group.processes]
-        counters = saver._group.control.counters
+        freeze(saver._group, 0)
+        stats = saver.complete()
+    assert not frozen
+    assert [row.pages_written for row in stats.channel_stats] == [0, stats.pages_written]
+    assert stats.pages_written == int(nonzero_pages(block).sum())
 
-        def pass_by(channel: int, run) -> np.ndarray:
-            frozen.append(pids[1 - channel])
-            frozen_at[0] = time.monotonic()
-            os.kill(frozen[0], signal.SIGSTOP)
-            before = counters[:, PAGES_DONE].copy()
-            run()
-            assert not frozen  # resumed, once the pass was done
-            return counters[:, PAGES_DONE] - before
+    target = shm.block("ram0", block.pages)
+    launch = ChannelGroup.launch
 
-        assert list(pass_by(1, saver.iterate)) == [0, block.pages]
-        written = np.flatnonzero(nonzero_pages(block))
-        turned_zero = written[::3]
-        pages[turned_zero] = 0
-        dirty = np.zeros(block.pages, dtype=bool)
-        dirty[turned_zero] = True
-        assert list(pass_by(0, lambda: saver.complete({"ram0": dirty}))) == [
-            turned_zero.size, 0]
-    with ps.open_image(path) as image:
-        assert image.blocks["ram0"].pages_present == written.size - turned_zero.size
-        assert np.array_equal(image.read_block("ram0"), block.array)
+    def launch_frozen(*args, **options) -> ChannelGroup:
+        group = launch(*args, **options)
+        freeze(group, 1)
+        return group
+
+    monkeypatch.setattr(ChannelGroup, "launch", launch_frozen)
+    restored = ps.restore(path, [target], channels=2, assume_zero=True,
+                          on_progress=resume)
+    assert not frozen
+    assert [row.pages_read for row in restored.channel_stats] == [restored.pages_read, 0]
+    assert np.array_equal(target.array, block.array)
+    # Progress counts what the restore's total counts: the pages it reads.
+    assert reports[-1] == ("restore", restored.pages_read, restored.pages_read)
+
+
+def test_passes_after_the_first_deal_each_shard_to_the_same_channel(shm, tmp_path):
+    # Shard s to channel s % N in every pass but a one-pass save's (or a
+    # restore's): a channel's mappings of its shards stay warm, and its
+    # bits of their pages are the last pass's (the OR merge rests on it).
+    block = shm.block("ram0", 5 * SHARD_CHUNKS * CHUNK_PAGES, fill=0.0)  # every page written
+    rng = np.random.default_rng(72)
+    shard_of_page = np.arange(block.pages) // (SHARD_CHUNKS * CHUNK_PAGES)
+    with ps.Saver(tmp_path / "vm.img", [block], channels=2) as saver:
+        saver.setup()
+        for dirty in (None, rng.random(block.pages) < 0.1):
+            written = saver._group.control.counters[:, PAGES_WRITTEN].copy()
+            saver.iterate(None if dirty is None else {"ram0": dirty})
+            pages = np.ones(block.pages, bool) if dirty is None else dirty
+            assert list(saver._group.control.counters[:, PAGES_WRITTEN] - written) == [
+                int(pages[shard_of_page % 2 == n].sum()) for n in range(2)]
+        stats = saver.complete({"ram0": np.zeros(block.pages, bool)})
+    assert stats.pages_present == block.pages
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])

@@ -314,15 +314,14 @@ def test_channel_write_error_is_reported_with_its_cause(shm, tmp_path, monkeypat
                                                          lookahead):
     monkeypatch.setenv("PARALLEL_SAVE_LOOKAHEAD", lookahead)
     monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", "2")
-    block = shm.block("ram0", 1024, fill=0.0)  # its pages at 1..5 MiB of the file
+    # Two shards: an iterate pass deals shard 1 to channel 1, at 17..33 MiB.
+    block = shm.block("ram0", 2 * SHARD_CHUNKS * CHUNK_PAGES, fill=0.0)
     path = tmp_path / "vm.img"
     with ps.Saver(path, [block], channels=2) as saver:
         saver.setup()
-        # Files that channel 1 writes may not reach 2 MiB: EFBIG.  Channel 0
-        # is frozen, so channel 1 claims every shard (its stop kills it).
+        # Files that channel 1 writes may not reach 2 MiB: EFBIG.
         resource.prlimit(saver._group.processes[1].pid, resource.RLIMIT_FSIZE,
                          (2 << 20, 2 << 20))
-        os.kill(saver._group.processes[0].pid, signal.SIGSTOP)
         with pytest.raises(ps.ChannelError) as caught:
             saver.iterate()
     assert caught.value.channel == 1

@@ -302,7 +302,7 @@ _CHUNK_BYTES = CHUNK_PAGES // 8  # a chunk's bytes of a bitmap
 class OwnBits:
     """A window's bits (its bytes of a bitmap) in the chunks a channel
     handles there (``own``: their ascending indexes in the window, the
-    pass's chunks of a shard it claimed), unpacked one row of CHUNK_PAGES
+    pass's chunks of a shard it handles), unpacked one row of CHUNK_PAGES
     per chunk: a sparse pass's window costs what its chunks hold.  (When
     chunks were dealt round the channels, a window held 1/N of them for
     each of N channels, and on whole windows N channels did N times a lone
@@ -525,7 +525,7 @@ class Channel:
         self.block_pages = plan.control.block_pages
         self.bitmap_bases = plan.control.bitmap_bases
         # A channel handles its chunks a window at a time, a window being a
-        # shard it claimed (control.SHARD_CHUNKS): every numpy call then
+        # shard it handles (control.SHARD_CHUNKS): every numpy call then
         # covers up to 8 chunks (16 MiB), so a sparse pass (1 % dirty) costs
         # a few calls per window instead of a dozen per chunk.  Windows are
         # whole chunks, so a window's bits are whole bytes of the bitmaps.
@@ -575,13 +575,14 @@ class Channel:
             low, high = np.searchsorted(chunks, (shard * width, (shard + 1) * width))
             yield chunks[low:high]
 
-    def _windows(self, chunks: np.ndarray):
-        """The windows of the shards this channel claims of these chunks
-        (ascending): yields (block, first page, end page, own), ``own`` the
-        ascending indexes in the window of the chunks to handle (see
-        OwnBits; a shard is one window, or two where it spans blocks)."""
+    def _windows(self, chunks: np.ndarray, claim: bool):
+        """The windows of these chunks (ascending), or with ``claim`` of
+        the shards of them this channel claims: yields (block, first page,
+        end page, own), ``own`` the ascending indexes in the window of the
+        chunks to handle (see OwnBits; a shard is one window, or two where
+        it spans blocks)."""
         per_window = self.window_pages // CHUNK_PAGES
-        for shard in self._claimed(chunks):
+        for shard in self._claimed(chunks) if claim else (chunks,):
             blocks = np.searchsorted(self.chunk_bases, shard, side="right") - 1
             local = shard - self.chunk_bases[blocks]
             keys = blocks.astype(np.int64) << 32 | local // per_window
@@ -603,22 +604,6 @@ class Channel:
     def _own_bits(self, row: np.ndarray, block: int, first: int, end: int,
                   own: np.ndarray) -> OwnBits:
         return OwnBits(self._bits(row, block, first, end), own, end - first)
-
-    def _take_file_bits(self, block: int, first: int, end: int, own: np.ndarray) -> OwnBits:
-        """This channel's file bits of a window's chunks ``own``, once it
-        has taken over those chunks' bits from the other channels' rows,
-        clearing them there: a chunk's bits live in the row of the channel
-        that last handled it (control.py), which from now on is this one."""
-        base = self.bitmap_bases[block] + first // 8
-        size = (end - first + 7) // 8
-        if self.plan.control.channels > 1 and own.size:
-            rows = self.control.file_bitmaps[:, base:base + size]
-            columns = (own[:, None] * _CHUNK_BYTES + np.arange(_CHUNK_BYTES)).ravel()
-            columns = columns[columns < size]
-            taken = np.bitwise_or.reduce(rows[:, columns], axis=0)
-            rows[:, columns] = 0
-            rows[self.number, columns] = taken
-        return OwnBits(self.file_bits[base:base + size], own, end - first)
 
     def _populate(self, block: int, first: int, starts: np.ndarray, ends: np.ndarray,
                   write: bool) -> None:
@@ -685,16 +670,17 @@ class Channel:
 
     # --- save ---
 
-    def save(self, chunks: np.ndarray, last: bool) -> None:
-        """Write the dirty pages of these chunks; ``last``: no pass will
-        write into the file after this one (the step size: STEP_PAGES)."""
+    def save(self, chunks: np.ndarray, claim: bool, last: bool) -> None:
+        """Write the dirty pages of these chunks (with ``claim``, of the
+        shards of them this channel claims); ``last``: no pass will write
+        into the file after this one (the step size: STEP_PAGES)."""
         self.step_pages = LAST_PASS_STEP_PAGES if last else STEP_PAGES
         self.last_pass = last
         # Per block, how far the file is known to hold data (no holes): a
         # channel's windows come in ascending order, so each part of the
         # file is searched for holes once per pass.
         self._data_end: dict[int, int] = {}
-        windows = (self._prepare(*window) for window in self._windows(chunks))
+        windows = (self._prepare(*window) for window in self._windows(chunks, claim))
         if self.lookahead is not None and self.hasher is None:
             # The zero check of the next window runs while this one's pages
             # are written: the channel's one file writer never waits for it.
@@ -787,9 +773,9 @@ class Channel:
 
     def _account(self, work: SaveWindow, written: np.ndarray, nbytes: int, calls: int) -> None:
         block, first, end = work.block, work.first, work.end
-        # Written pages set, dirty pages found zero cleared, in the bits
-        # this channel now holds for these chunks.
-        self._take_file_bits(block, first, end, work.dirty.own).store(
+        # This channel's bits of these chunks are theirs (control.py):
+        # written pages set, dirty pages found zero cleared.
+        self._own_bits(self.file_bits, block, first, end, work.dirty.own).store(
             cleared=work.dirty, set_=written)
         row = self.counters
         row[PAGES_WRITTEN] += written.size
@@ -941,12 +927,14 @@ class Channel:
 
     # --- restore ---
 
-    def restore(self, chunks: np.ndarray, zero_clear: bool, last: bool) -> None:
+    def restore(self, chunks: np.ndarray, zero_clear: bool, claim: bool, last: bool) -> None:
         """Read these chunks' present pages into the destinations (and zero
-        their clear pages with ``zero_clear``); ``last``: the restore's last
-        pass (each window's mapping is let go once read)."""
+        their clear pages with ``zero_clear``), with ``claim`` of the shards
+        of them this channel claims; ``last``: the restore's last pass
+        (each window's mapping is let go once read)."""
         self.last_pass = last
-        windows = (self._prepare_restore(*window) for window in self._windows(chunks))
+        windows = (self._prepare_restore(*window)
+                   for window in self._windows(chunks, claim))
         if self.lookahead is None:
             for work in windows:
                 if zero_clear and not work.send:
@@ -1054,7 +1042,9 @@ class Channel:
         row[PAGES_SENT] += sent
         row[PAGES_ZEROED] += zeroed
         row[WRITE_CALLS] += work.starts.size
-        row[PAGES_DONE] += work.own_pages
+        # As the coordinator counts a pass's pages: all of them where clear
+        # pages are zeroed, else those the image holds.
+        row[PAGES_DONE] += work.own_pages if zero_clear else int(work.present.size)
         row[SHARDS_DONE] += 1
         row[BUSY_NS] += time.perf_counter_ns() - started
         if self.last_pass:
@@ -1245,9 +1235,9 @@ def _serve(number: int, conn, plan: ChannelPlan, hosted: HostedTurns,
             elif message[0] in (SAVE, RESTORE):
                 with running:
                     if message[0] == SAVE:
-                        channel.save(message[1], message[2])
+                        channel.save(message[1], message[2], message[3])
                     else:
-                        channel.restore(message[1], message[2], message[3])
+                        channel.restore(message[1], message[2], message[3], message[4])
             else:
                 raise ValueError(f"unknown message {message[0]!r}")
             conn.send_bytes(pickle.dumps((DONE,)))
