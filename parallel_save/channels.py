@@ -3,9 +3,10 @@ owner of the wire between them.
 
 Like QEMU's multifd.c, it owns the life of the channels (start, hand out
 work, wait for a pass, stop) and everything that travels to them: the
-control segment, the shards the channels claim, the messages, the counters
-and the merged file bitmap.  Callers say what a pass covers (each block's dirty or
-present pages); never how it reaches the channels.
+control segment, the chunks of each pass (dealt out, or claimed a shard
+at a time through the claims pipe), the messages, the counters and the merged file bitmap.
+Callers say what a pass covers (each block's dirty or present pages);
+never how it reaches the channels.
 
 A channel that raises or dies turns into a :class:`ChannelError` within
 one wait interval, never a hang, and every other channel is stopped (like
@@ -635,7 +636,7 @@ class ChannelGroup:
         """Make every channel work on another image file from now on, whose
         bitmaps (packed, one per block) say which pages it holds: what a
         checkpointer does when it turns from one image to the other.  Each
-        channel gets the bits of the shards dealt to it, as if it had
+        channel gets the bits of the chunks dealt to it, as if it had
         written them (see control.py: the OR merge rests on it).  With the
         hash tracker, ``hash_table`` holds the hashes of what that file
         holds."""
@@ -643,7 +644,7 @@ class ChannelGroup:
         for index, bits in enumerate(file_bitmaps):
             chunk_of_byte = (control.layout.chunk_bases[index]
                              + np.arange(bits.size) // (CHUNK_PAGES // 8))
-            owner = chunk_of_byte // self.plan.shard_chunks % self.count
+            owner = chunk_of_byte % self.count
             for number in range(self.count):
                 row = control.block_bits(control.file_bitmaps[number], index)
                 row[:bits.size] = np.where(owner == number, bits, 0)
@@ -725,7 +726,7 @@ class ChannelGroup:
         claim)``.  The group's first pass, when it is also its last (a
         one-pass save, a restore), has every channel claim shards of all of
         them from the claims pipe as it becomes free; any other pass deals
-        shard s to channel s % N, the same channel every time, whose
+        chunk g to channel g % N, the same channel every time, whose
         mappings of it are then warm (control.py)."""
         if not self._ready:
             self._wait_ready()
@@ -744,7 +745,7 @@ class ChannelGroup:
             for number in range(self.count):
                 self._send(number, message(chunks, True))
         else:
-            owners = chunks // self.plan.shard_chunks % self.count
+            owners = chunks % self.count
             for number in range(self.count):
                 self._send(number, message(chunks[owners == number], False))
         self._wait_all(DONE, report)

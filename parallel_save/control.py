@@ -26,25 +26,25 @@ The segment is a memfd: it has no name anywhere, so nothing can be
 planted in its place or left behind by a killed save; the channels get
 its descriptor, not a path.
 
-Work comes in chunks of ``CHUNK_PAGES`` pages, a pass's chunks in shards
-of ``shard_chunks`` consecutive chunk numbers (SHARD_CHUNKS, or more for a
-huge image).  In most passes shard s goes to channel ``s % N``, always the
-same channel: its mappings of the shard stay warm from pass to pass, and
-its bits for the shard's pages are the ones from the last pass that
-handled them.  But in a channel group's first pass when it is also its
-last (a one-pass save, a restore: every page, nothing warm), the channels
-claim the shards one at a time, each as it becomes free, from the claims
-pipe: the coordinator writes every shard's number into it (CLAIM_BYTES
-each, all in one write), and a channel reads one number per claim until
-the pipe is empty (the kernel hands each number to one reader).  So a
-channel with cheap pages (zero, say) takes more of them, and the channels
-end their pass together, where shards dealt out by number left one
-channel working while another waited.  Since a claimed pass comes first,
-every row of the file bitmaps is empty before it, and last, no pass
-follows: either way each page's bit is set in one row at most, and
-merging the rows is a plain OR (docs/DESIGN.md, invariant 2).  A chunk is
-a multiple of 64 pages, so no two channels ever write the same byte, nor
-the same 64-bit word, of any bitmap.
+Work comes in chunks of ``CHUNK_PAGES`` pages.  In most passes chunk g
+goes to channel ``g % N``, always the same channel: its mappings of the
+chunk stay warm from pass to pass, and its bits for the chunk's pages are
+the ones from the last pass that handled them.  But in a channel group's
+first pass when it is also its last (a one-pass save, a restore: every
+page, nothing warm), the channels claim the pass's chunks a shard at a
+time (``shard_chunks`` consecutive chunk numbers: SHARD_CHUNKS, or more
+for a huge image), each as it becomes free, from the claims pipe: the
+coordinator writes every shard's number into it (CLAIM_BYTES each, all in
+one write), and a channel reads one number per claim until the pipe is
+empty (the kernel hands each number to one reader).  So a channel with
+cheap pages (zero, say) takes more of them, and the channels end their
+pass together, where chunks dealt out by number left one channel working
+while another waited.  Since a claimed pass comes first, every row of the
+file bitmaps is empty before it, and last, no pass follows: either way
+each page's bit is set in one row at most, and merging the rows is a
+plain OR (docs/DESIGN.md, invariant 2).  A chunk is a multiple of 64
+pages, so no two channels ever write the same byte, nor the same 64-bit
+word, of any bitmap.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ CHUNK_PAGES = 512
 if CHUNK_PAGES % 64:
     # The OR merge of the channels' bitmaps relies on it (module docstring).
     raise ImportError(f"CHUNK_PAGES ({CHUNK_PAGES}) must be a multiple of 64")
-# A shard, a channel's claim and window of work: 16 MiB, what a window held
-# of a channel's own chunks when they were dealt out by number (at 8
-# channels a 1 % pass took 40 ms with windows of 2 own chunks, 24 ms with
-# 8); a lone channel's are twice that (channels.shard_chunks).
+# A shard, a channel's claim and window of work in a claimed pass: 16 MiB,
+# what a window holds of a channel's own chunks in a pass that deals them
+# (workers/channel.py, WINDOW_PAGES); a lone channel's are twice that
+# (channels.shard_chunks).
 SHARD_CHUNKS = 8
 LONE_SHARD_CHUNKS = 16
 # A shard's number in the claims pipe: little-endian int32.

@@ -354,7 +354,7 @@ def test_a_one_pass_saves_channels_claim_shards_as_they_become_free(shm, tmp_pat
     # A channel frozen (SIGSTOP) through a one-pass save claims no shard of
     # it: the other claims them all and handles every page before the
     # frozen one resumes (woken from the progress report that shows the
-    # pass done, or after 10 s: dealt out by number, half the shards would
+    # pass done, or after 10 s: dealt out by number, half the chunks would
     # wait for it).  The same for a restore.
     monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", "2")
     block = shm.block("ram0", 4 * SHARD_CHUNKS * CHUNK_PAGES, fill=0.5, seed=71)
@@ -400,13 +400,13 @@ def test_a_one_pass_saves_channels_claim_shards_as_they_become_free(shm, tmp_pat
     assert reports[-1] == ("restore", restored.pages_read, restored.pages_read)
 
 
-def test_passes_after_the_first_deal_each_shard_to_the_same_channel(shm, tmp_path):
-    # Shard s to channel s % N in every pass but a one-pass save's (or a
-    # restore's): a channel's mappings of its shards stay warm, and its
+def test_passes_after_the_first_deal_each_chunk_to_the_same_channel(shm, tmp_path):
+    # Chunk g to channel g % N in every pass but a one-pass save's (or a
+    # restore's): a channel's mappings of its chunks stay warm, and its
     # bits of their pages are the last pass's (the OR merge rests on it).
     block = shm.block("ram0", 5 * SHARD_CHUNKS * CHUNK_PAGES, fill=0.0)  # every page written
     rng = np.random.default_rng(72)
-    shard_of_page = np.arange(block.pages) // (SHARD_CHUNKS * CHUNK_PAGES)
+    chunk_of_page = np.arange(block.pages) // CHUNK_PAGES
     with ps.Saver(tmp_path / "vm.img", [block], channels=2) as saver:
         saver.setup()
         for dirty in (None, rng.random(block.pages) < 0.1):
@@ -414,7 +414,7 @@ def test_passes_after_the_first_deal_each_shard_to_the_same_channel(shm, tmp_pat
             saver.iterate(None if dirty is None else {"ram0": dirty})
             pages = np.ones(block.pages, bool) if dirty is None else dirty
             assert list(saver._group.control.counters[:, PAGES_WRITTEN] - written) == [
-                int(pages[shard_of_page % 2 == n].sum()) for n in range(2)]
+                int(pages[chunk_of_page % 2 == n].sum()) for n in range(2)]
         stats = saver.complete({"ram0": np.zeros(block.pages, bool)})
     assert stats.pages_present == block.pages
 

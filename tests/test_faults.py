@@ -314,8 +314,7 @@ def test_channel_write_error_is_reported_with_its_cause(shm, tmp_path, monkeypat
                                                          lookahead):
     monkeypatch.setenv("PARALLEL_SAVE_LOOKAHEAD", lookahead)
     monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", "2")
-    # Two shards: an iterate pass deals shard 1 to channel 1, at 17..33 MiB.
-    block = shm.block("ram0", 2 * SHARD_CHUNKS * CHUNK_PAGES, fill=0.0)
+    block = shm.block("ram0", 1024, fill=0.0)  # chunk 1 (channel 1) at 3..5 MiB
     path = tmp_path / "vm.img"
     with ps.Saver(path, [block], channels=2) as saver:
         saver.setup()

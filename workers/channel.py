@@ -196,6 +196,13 @@ def die_with_coordinator(plan: ChannelPlan, forked_by_main_thread: bool = False)
     named.wait()  # so that a channel that says READY shows its threads' names
 
 
+# In a pass that deals chunks (control.py), a channel handles its chunks a
+# window at a time: every numpy call then covers up to 16 chunks (32 MiB),
+# so a sparse pass (1 % dirty) costs a few calls per window instead of a
+# dozen per chunk.  Windows are whole chunks, so a window's bits are whole
+# bytes of the bitmaps.  (At 1 and 2 channels; more channels get larger
+# windows, see Channel.  In a claimed pass, a window is a shard.)
+WINDOW_PAGES = 16 * CHUNK_PAGES
 # The longest single pwrite/pread: large enough to stream, small enough to
 # report progress and to keep one call from holding the file for long.
 MAX_SPAN_PAGES = 2048
@@ -234,7 +241,7 @@ MAX_WAITING_STEPS = 8
 # With the hash tracker, windows of 4 MiB: each is copied to private
 # memory, and hashing dwarfs the per-window numpy calls anyway.
 HASH_WINDOW_PAGES = 2 * CHUNK_PAGES
-if HASH_WINDOW_PAGES % CHUNK_PAGES:
+if WINDOW_PAGES % CHUNK_PAGES or HASH_WINDOW_PAGES % CHUNK_PAGES:
     raise ImportError("a channel's windows must be whole chunks")
 
 
@@ -301,13 +308,14 @@ _CHUNK_BYTES = CHUNK_PAGES // 8  # a chunk's bytes of a bitmap
 
 class OwnBits:
     """A window's bits (its bytes of a bitmap) in the chunks a channel
-    handles there (``own``: their ascending indexes in the window, the
-    pass's chunks of a shard it handles), unpacked one row of CHUNK_PAGES
-    per chunk: a sparse pass's window costs what its chunks hold.  (When
-    chunks were dealt round the channels, a window held 1/N of them for
-    each of N channels, and on whole windows N channels did N times a lone
-    channel's work on the bits: finding the runs to read of a 1 GiB restore
-    at 8 channels took 37-53 ms of CPU, 9-14 ms on own chunks.)"""
+    handles there (``own``: their ascending indexes in the window),
+    unpacked one row of CHUNK_PAGES per chunk.  Where chunks are dealt
+    round the channels, a window holds 1/N of its chunks for each of N
+    channels: on the whole window, each channel would do a lone channel's
+    work on the bits, N channels N times it; on their own chunks, all of
+    them together do one block's.  Finding the runs to read of a 1 GiB
+    restore at 8 channels took 37-53 ms of CPU over whole windows, 9-14 ms
+    on own chunks.  (A claimed shard's chunks are all the channel's.)"""
 
     __slots__ = ("bits", "own", "pages", "rows")
 
@@ -524,12 +532,14 @@ class Channel:
         self.chunk_bases = np.asarray(plan.control.chunk_bases)
         self.block_pages = plan.control.block_pages
         self.bitmap_bases = plan.control.bitmap_bases
-        # A channel handles its chunks a window at a time, a window being a
-        # shard it handles (control.SHARD_CHUNKS): every numpy call then
-        # covers up to 8 chunks (16 MiB), so a sparse pass (1 % dirty) costs
-        # a few calls per window instead of a dozen per chunk.  Windows are
-        # whole chunks, so a window's bits are whole bytes of the bitmaps.
-        self.window_pages = plan.shard_chunks * CHUNK_PAGES
+        # Chunks are dealt round the channels, so a window of 16 chunks
+        # holds 16 / N of a channel's own: the window grows with the count
+        # to keep 8 of them (at 8 channels a 1 % pass took 40 ms with
+        # windows of 2 own chunks, 24 ms with 8; full passes took the same).
+        # In a claimed pass a window is a shard, all of whose chunks are
+        # the channel's.
+        self.window_pages = WINDOW_PAGES * max(1, plan.control.channels // 2)
+        self.shard_pages = plan.shard_chunks * CHUNK_PAGES
         # With a core to spare, a second thread works a window ahead: zero
         # checks of a save, mapping the destination's pages of a restore.
         self.lookahead = (futures.ThreadPoolExecutor(1, "look-ahead")
@@ -580,8 +590,10 @@ class Channel:
         the shards of them this channel claims: yields (block, first page,
         end page, own), ``own`` the ascending indexes in the window of the
         chunks to handle (see OwnBits; a shard is one window, or two where
-        it spans blocks)."""
-        per_window = self.window_pages // CHUNK_PAGES
+        it spans blocks, or several of the hash tracker's)."""
+        window_pages = (self.shard_pages if claim and self.hasher is None
+                        else self.window_pages)
+        per_window = window_pages // CHUNK_PAGES
         for shard in self._claimed(chunks) if claim else (chunks,):
             blocks = np.searchsorted(self.chunk_bases, shard, side="right") - 1
             local = shard - self.chunk_bases[blocks]
@@ -591,8 +603,8 @@ class Channel:
                 if not group.size:
                     continue
                 block = int(blocks[group[0]])
-                first = int(local[group[0]] // per_window) * self.window_pages
-                end = min(first + self.window_pages, self.block_pages[block])
+                first = int(local[group[0]] // per_window) * window_pages
+                end = min(first + window_pages, self.block_pages[block])
                 yield block, first, end, local[group] % per_window
 
     def _bits(self, row: np.ndarray, block: int, first: int, end: int) -> np.ndarray:
@@ -773,8 +785,9 @@ class Channel:
 
     def _account(self, work: SaveWindow, written: np.ndarray, nbytes: int, calls: int) -> None:
         block, first, end = work.block, work.first, work.end
-        # This channel's bits of these chunks are theirs (control.py):
-        # written pages set, dirty pages found zero cleared.
+        # Only this channel writes these chunks' bits (control.py), so its
+        # bits here are the latest: written pages set, dirty pages found
+        # zero cleared.
         self._own_bits(self.file_bits, block, first, end, work.dirty.own).store(
             cleared=work.dirty, set_=written)
         row = self.counters
@@ -792,15 +805,14 @@ class Channel:
     def _let_go(self, block: int, first: int, end: int, own: int) -> None:
         """Done with pages [first, end) of a block in this channel for good
         (the last pass); ``own`` of them are its own, the most it mapped.
-        Up to ``plan.kept_pages`` own pages stay mapped,
-        for the channel's exit to unmap after the coordinator's call has
-        returned, as a QEMU never unmaps its guest's memory to migrate it
-        (unmapping 1 GiB costs the channels 40-50 ms of CPU: a guest-like
-        save of it took 253 -> 238 ms at 2 channels, 266 -> 246 ms at 8,
-        unmapped after the call instead of window by window).  Beyond
-        that, the oldest windows are unmapped now (the block's file keeps
-        the pages), so a channel's page tables stay bounded whatever the
-        block's size."""
+        Up to ``plan.kept_pages`` own pages stay mapped, for the channel's
+        exit to unmap after the coordinator's call has returned, as a QEMU
+        never unmaps its guest's memory to migrate it (unmapping 1 GiB
+        costs the channels 40-50 ms of CPU: a guest-like save of it took
+        253 -> 238 ms at 2 channels, 266 -> 246 ms at 8, unmapped after the
+        call instead of window by window).  Beyond that, the oldest windows
+        are unmapped now (the block's file keeps the pages), so a channel's
+        page tables stay bounded whatever the block's size."""
         mapped = self.blocks[block]
         if mapped.mapping is None or not self.can_drop:
             return  # a private block's bytes are the snapshot itself
