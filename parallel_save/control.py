@@ -250,4 +250,4 @@ class ChannelPlan:
                                      # time (channels.passes_in_turn)
     kept_pages: int = 0              # of its last pass, what a channel leaves mapped
                                      # for its exit (channels.LAST_PASS_KEPT_BYTES)
-    shard_chunks: int = SHARD_CHUNKS # chunk numbers per shard (channels.shard_chunks)
+    shard_chunks: int = SHARD_CHUNKS  # chunk numbers per shard (channels.shard_chunks)
