@@ -4,9 +4,9 @@ owner of the wire between them.
 Like QEMU's multifd.c, it owns the life of the channels (start, hand out
 work, wait for a pass, stop) and everything that travels to them: the
 control segment, the chunks of each pass (dealt out, or claimed a shard
-at a time through the claims pipe), the messages, the counters and the merged file bitmap.
-Callers say what a pass covers (each block's dirty or present pages);
-never how it reaches the channels.
+at a time through the claims pipe), the messages, the counters and the
+merged file bitmap.  Callers say what a pass covers (each block's dirty or
+present pages); never how it reaches the channels.
 
 A channel that raises or dies turns into a :class:`ChannelError` within
 one wait interval, never a hang, and every other channel is stopped (like
@@ -21,7 +21,6 @@ caller's: no ``if __name__ == "__main__"`` guard is needed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import os
@@ -709,11 +708,8 @@ class ChannelGroup:
 
     def _offer(self, chunks: np.ndarray) -> None:
         """Put the number of every shard holding these chunks in the claims
-        pipe, in one write (shard_chunks sized them to fit), after emptying
-        it of any that a failed pass left."""
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self.claims_read, 1 << 16):
-                pass
+        pipe, in one write (shard_chunks sized them to fit).  Only a group's
+        first pass is claimed, so the pipe is empty."""
         numbers = chunks // self.plan.shard_chunks  # ascending, as the chunks
         # (np.unique would do, but its first call imports for 10-15 ms.)
         shards = numbers[np.flatnonzero(np.diff(numbers, prepend=-1))].astype("<i4").tobytes()
