@@ -17,7 +17,9 @@ that empties the cache of the whole machine, everyone's, which is why it
 is asked for and never the default (the image itself lives in tmpfs and
 is never dropped).  With ``--steady-memory`` (root, on a virtual machine
 that hands free memory back to its host) no contender meets memory the
-host took back (bench/hostmemory.py).
+host took back (bench/hostmemory.py).  With ``--memory-dir`` the image
+lives in huge pages (a tmpfs mounted with huge=always, or a hugetlbfs),
+for parallel-save's channels, QEMU and the floors alike.
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ from .probe import BLOCK
 from .qemu import qemu_supports_mapped_ram
 from .workload import (
     LAYOUTS,
+    SHM_DIR,
     BenchError,
     Workload,
     build,
     can_drop_caches,
+    memory_kind,
     parse_size,
     settle,
     size_text,
@@ -128,6 +132,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path,
                         help="parent of the temporary directory the contenders write "
                              "into (default /var/tmp, on the root disk); removed afterwards")
+    parser.add_argument("--memory-dir", type=Path, default=SHM_DIR,
+                        help="where the image and the restore destinations live: a tmpfs "
+                             f"(default {SHM_DIR}) or a hugetlbfs; a tmpfs mounted with "
+                             "huge=always or a hugetlbfs gives memory in huge pages, as "
+                             "production VMs' often is (mount -t tmpfs -o huge=always "
+                             "none DIR)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images' bytes")
     args = parser.parse_args(argv)
     sizes = args.sizes or (MATRIX_SIZES if args.matrix else
@@ -143,6 +153,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         else list(LAYOUTS)
     args.regimes = _names(args.regimes, ("warm", "durable"), "--regimes") if args.regimes \
         else ["warm", "durable"]
+    memory_kind(args.memory_dir)  # a tmpfs or a hugetlbfs, found out before minutes of work
     return args
 
 
@@ -221,10 +232,12 @@ def _run_workloads(contenders: list[Contender], args: argparse.Namespace,
     for size in args.sizes:
         for layout in args.workloads:
             _log(f"building a {size_text(size)} {layout} image")
-            workload = build(size, args.zero_fraction, args.workdir, args.seed, layout)
+            workload = build(size, args.zero_fraction, args.workdir, args.seed, layout,
+                             args.memory_dir)
             try:
-                machine = machine or report.machine(workload.workdir)
-                _log(f"image {workload.image}: {workload.zero_fraction:.0%} zero pages; "
+                machine = machine or report.machine(workload.workdir, args.memory_dir)
+                _log(f"image {workload.image} in {machine['memory_fs']['kind']}: "
+                     f"{workload.zero_fraction:.0%} zero pages; "
                      f"files in {workload.workdir} ({machine['workdir_fs']['type']}); "
                      f"{len(contenders)} contenders x {args.runs} rounds")
                 images[workload.label] = {
@@ -294,6 +307,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                    "qemu": qemu, "drop_caches": args.drop_caches,
                    "steady_memory": args.steady_memory, "only": args.only,
                    "seed": args.seed, "dirty_fractions": list(DIRTY_FRACTIONS),
+                   "memory_dir": str(args.memory_dir),
                    "restore": "into fresh all-zero shared memory; parallel-save with "
                               "assume_zero=True (QEMU's own assumption)",
                    "timing": "parallel-save/floors/numpy: inside a fresh process, call to "
@@ -308,7 +322,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     report.write_json(json_path, document)
     report.plot(rows, png_path, (
         f"{machine['workdir_fs']['type']} on {machine['workdir_fs']['device']}, "
-        f"{machine['cores']} cores, median of {args.runs}, "
+        f"image in {machine['memory_fs']['kind']}, {machine['cores']} cores, "
+        f"median of {args.runs}, "
         f"durable caches {'dropped' if args.drop_caches else 'kept'}"))
     print(report.format_table(rows))
     print()

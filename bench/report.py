@@ -30,6 +30,7 @@ import numpy as np
 import parallel_save
 
 from .qemu import qemu_binary
+from .workload import SHM_DIR, memory_kind
 
 MIB = 1 << 20
 MEMORY_LIMIT = 150 * MIB
@@ -256,7 +257,7 @@ def _first_line(command: list[str]) -> str | None:
     return lines[0] if done.returncode == 0 and lines else None
 
 
-def machine(workdir: Path) -> dict[str, Any]:
+def machine(workdir: Path, memory_dir: Path = SHM_DIR) -> dict[str, Any]:
     with open("/proc/meminfo", encoding="ascii") as meminfo:
         memory = int(meminfo.readline().split()[1]) * 1024  # MemTotal comes first
     cpu = "unknown"
@@ -269,7 +270,9 @@ def machine(workdir: Path) -> dict[str, Any]:
     repository = Path(parallel_save.__file__).resolve().parent.parent
     return {
         "cores": os.cpu_count(), "cpu": cpu, "memory_bytes": memory,
-        "workdir_fs": _file_system(workdir), "kernel": platform.release(),
+        "workdir_fs": _file_system(workdir),
+        "memory_fs": {**_file_system(memory_dir), "kind": memory_kind(memory_dir).text},
+        "kernel": platform.release(),
         "qemu": _first_line([binary, "--version"]) if binary else None,
         "python": platform.python_version(), "numpy": np.__version__,
         "parallel_save": parallel_save.__version__,

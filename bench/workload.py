@@ -1,9 +1,13 @@
 """The workload: one image in shared memory, the files contenders write,
 and an equal start for every run.
 
-The image is a /dev/shm file (tmpfs), so it is RAM that both a
-parallel-save channel and QEMU's ``memory-backend-file`` can map, and
-dropping the page cache never evicts it.  Its layout is one of
+The image is a file in shared memory, /dev/shm (tmpfs) unless asked
+otherwise, so it is RAM that both a parallel-save channel and QEMU's
+``memory-backend-file`` can map, and dropping the page cache never evicts
+it.  Asked for, it lives in huge pages instead, as production VMs' memory
+often does: in a tmpfs mounted with ``huge=always`` (transparent huge
+pages) or in a hugetlbfs (:func:`memory_kind`); it is then written through
+a mapping, the only way into a hugetlbfs file.  Its layout is one of
 :data:`LAYOUTS`:
 
 - ``random``: a chosen fraction of the pages zero (half by default), at
@@ -21,6 +25,7 @@ No data page is zero by chance; the same seed gives the same bytes.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import shutil
@@ -87,16 +92,79 @@ def shm_bytes_needed(size: int) -> int:
     return size * 2 + (64 << 20)
 
 
-def check_room(size: int) -> None:
+@dataclass(frozen=True)
+class MemoryKind:
+    """The shared memory a directory's files are made of."""
+
+    fstype: str        # tmpfs or hugetlbfs
+    mount: str
+    page_bytes: int    # a file's size must be a multiple of it
+    huge: bool         # huge pages (hugetlbfs, or tmpfs with huge=always/within_size)
+
+    @property
+    def text(self) -> str:
+        if self.fstype == "hugetlbfs":
+            return f"hugetlbfs ({self.page_bytes >> 20} MiB pages) at {self.mount}"
+        if self.huge:
+            return f"tmpfs with transparent huge pages at {self.mount}"
+        return f"tmpfs (4 KiB pages) at {self.mount}"
+
+
+def memory_kind(directory: Path) -> MemoryKind:
+    """What the files in ``directory`` are made of: the mount holding it
+    (the longest mount point that contains it) must be a tmpfs or a
+    hugetlbfs, memory that both parallel-save's channels and QEMU map
+    shared."""
+    real = os.path.realpath(directory)
+    found, length = None, -1
+    with open("/proc/mounts", encoding="utf-8") as mounts:
+        for line in mounts:
+            _, mount, fstype, options = line.split()[:4]
+            inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) > length:
+                found, length = (mount, fstype, options.split(",")), len(mount)
+    if found is None or found[1] not in ("tmpfs", "hugetlbfs"):
+        kind = found[1] if found else "no mount"
+        raise BenchError(f"--memory-dir {directory}: a {kind}, not shared memory "
+                         f"(a tmpfs or a hugetlbfs)")
+    mount, fstype, options = found
+    if fstype == "hugetlbfs":
+        return MemoryKind(fstype, mount, os.statvfs(real).f_bsize, True)
+    huge = any(option in ("huge=always", "huge=within_size") for option in options)
+    return MemoryKind(fstype, mount, PAGE_SIZE, huge)
+
+
+def _huge_pages_free(page_bytes: int) -> int:
+    pool = Path(f"/sys/kernel/mm/hugepages/hugepages-{page_bytes >> 10}kB")
+    free = int((pool / "free_hugepages").read_text())
+    overcommit = int(Path("/proc/sys/vm/nr_overcommit_hugepages").read_text())
+    surplus = int((pool / "surplus_hugepages").read_text())
+    return (free + max(0, overcommit - surplus)) * page_bytes
+
+
+def check_room(size: int, directory: Path = SHM_DIR) -> None:
     """Refuse, before minutes of filling, an image this machine cannot hold
-    (shared memory is RAM, and the written files fill the page cache too)."""
+    (shared memory is RAM, and the written files fill the page cache too;
+    a hugetlbfs holds only as many huge pages as are reserved for it)."""
     needed = shm_bytes_needed(size)
-    stat = os.statvfs(SHM_DIR)
+    kind = memory_kind(directory)
+    if size % kind.page_bytes:
+        raise BenchError(f"a {size_text(size)} image is not a whole number of the "
+                         f"{kind.page_bytes >> 10} KiB pages of {kind.text}")
+    if kind.fstype == "hugetlbfs":
+        free = _huge_pages_free(kind.page_bytes)
+        if needed > free:
+            raise BenchError(
+                f"a {size_text(size)} image needs {needed / 2**30:.2f} GiB of huge pages "
+                f"in {kind.text}; {free / 2**30:.2f} GiB are free (raise "
+                f"/proc/sys/vm/nr_hugepages by {-(-(needed - free) // kind.page_bytes)})")
+        return
+    stat = os.statvfs(directory)
     free = stat.f_bavail * stat.f_frsize
     available = _mem_available()
     if needed > free or needed > available * 0.8:
         raise BenchError(f"a {size_text(size)} image needs {needed / 2**30:.2f} GiB "
-                         f"of shared memory; {SHM_DIR} has {free / 2**30:.2f} GiB free and "
+                         f"of shared memory; {directory} has {free / 2**30:.2f} GiB free and "
                          f"{available / 2**30:.2f} GiB of memory is available")
 
 
@@ -142,21 +210,22 @@ class Workload:
 
 
 def build(size: int, zero_fraction: float, workdir: str | os.PathLike | None,
-          seed: int = 0, layout: str = "random") -> Workload:
+          seed: int = 0, layout: str = "random", memory_dir: Path = SHM_DIR) -> Workload:
     """Create the image in shared memory and the work directory on disk.
 
     ``workdir`` is the parent of a new directory that is removed by
     :meth:`Workload.close` (default: /var/tmp, on the root disk rather than
-    a tmpfs /tmp).
+    a tmpfs /tmp); ``memory_dir`` (a tmpfs or hugetlbfs) holds a new
+    directory for the image and the restore destinations.
     """
     if not 0.0 <= zero_fraction < 1.0:
         raise BenchError(f"the zero fraction must be in [0, 1), not {zero_fraction}")
     if layout not in LAYOUTS:
         raise BenchError(f"unknown workload {layout!r} (one of {', '.join(LAYOUTS)})")
-    check_room(size)
+    check_room(size, memory_dir)
     parent = Path(workdir) if workdir is not None else Path("/var/tmp")
     parent.mkdir(parents=True, exist_ok=True)
-    shm_dir = SHM_DIR / f"parallel-save-bench-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    shm_dir = memory_dir / f"parallel-save-bench-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     shm_dir.mkdir()
     work = Path(tempfile.mkdtemp(prefix="parallel-save-bench-", dir=parent))
     workload = Workload(size, zero_fraction, layout, shm_dir, work, shm_dir / "image.ram", 0)
@@ -201,7 +270,13 @@ def _fill(workload: Workload, zero: np.ndarray, rng: np.random.Generator,
     words."""
     words = PAGE_SIZE // 8
     nonzero_pages = 0
-    with open(workload.image, "wb") as image:
+    fd = os.open(workload.image, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, workload.size)
+        image = mmap.mmap(fd, workload.size, mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+    with image:
         for first in range(0, workload.pages, _FILL_PAGES):
             count = min(_FILL_PAGES, workload.pages - first)
             pages = rng.integers(0, 2**64, size=(count, words), dtype=np.uint64)
@@ -212,8 +287,8 @@ def _fill(workload: Workload, zero: np.ndarray, rng: np.random.Generator,
                 leading = (rng.integers(0, 3, count) == 0) * rng.integers(128, 384, count)
                 pages[np.arange(words) < leading[:, None]] = 0
             here = zero[first:first + count]
-            pages[here] = 0
-            image.write(pages.data)
+            pages[here] = 0  # stored all the same: every page of the image is allocated
+            image[first * PAGE_SIZE:(first + count) * PAGE_SIZE] = pages.data
             nonzero_pages += count - int(here.sum())
     return nonzero_pages
 

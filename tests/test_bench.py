@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import mounted
 
 from bench.__main__ import main, parse_args
 from bench.hostmemory import SteadyMemory, largest_order, reporting_state
 from bench.qemu import qemu_supports_mapped_ram
 from bench.report import MEMORY_TARGET, TARGETS
-from bench.workload import BenchError
+from bench.workload import BenchError, build, memory_kind
 
 CHANNELS = 2
 WORKLOADS = ("random", "dense", "guest")
@@ -103,6 +104,8 @@ def test_json_records_the_machine(bench_run):
     machine = bench_run["document"]["machine"]
     assert machine["cores"] == os.cpu_count()
     assert machine["workdir_fs"]["type"] != "unknown"
+    assert machine["memory_fs"]["kind"] == memory_kind(Path("/dev/shm")).text
+    assert machine["memory_fs"]["type"] == "tmpfs"
     assert {"kernel", "qemu", "python", "numpy", "memory_bytes"} <= set(machine)
     assert machine["free_page_reporting"] == reporting_state()
 
@@ -185,6 +188,32 @@ def test_an_unknown_workload_is_refused(capsys):
     assert main(["--workloads", "random,sparse"]) == 2
     assert capsys.readouterr().err == (
         "bench: --workloads takes some of random, dense, guest, not 'sparse'\n")
+
+
+def test_a_memory_dir_that_is_not_shared_memory_is_refused(capsys, ramfs):
+    assert main(["--quick", "--no-qemu", "--memory-dir", str(ramfs)]) == 2
+    assert capsys.readouterr().err == (
+        f"bench: --memory-dir {ramfs}: a ramfs, not shared memory (a tmpfs or a hugetlbfs)\n")
+
+
+def test_an_image_in_huge_pages_has_the_bytes_of_one_in_dev_shm(tmp_path):
+    """--memory-dir: the same seed gives the same image in a tmpfs of
+    transparent huge pages (written through a mapping) as in /dev/shm."""
+    with mounted(tmp_path / "thp", "tmpfs", "huge=always,size=128M") as mount_point:
+        kind = memory_kind(mount_point)
+        assert (kind.fstype, kind.huge, kind.page_bytes) == ("tmpfs", True, 4096)
+        assert kind.text == f"tmpfs with transparent huge pages at {mount_point}"
+        huge = build(8 << 20, 0.5, tmp_path, seed=3, layout="random", memory_dir=mount_point)
+        small = build(8 << 20, 0.5, tmp_path, seed=3, layout="random")
+        try:
+            assert huge.image.parent.parent == mount_point
+            assert small.image.parent.parent == Path("/dev/shm")
+            assert huge.nonzero_pages == small.nonzero_pages > 0
+            assert huge.image.read_bytes() == small.image.read_bytes()
+        finally:
+            huge.close()
+            small.close()
+        assert list(mount_point.iterdir()) == []
 
 
 # --- memory the host takes back (bench/hostmemory.py) ----------------------

@@ -1,0 +1,174 @@
+"""Memory in huge pages, as production VMs' often is: a hugetlbfs file
+(QEMU's -mem-path /dev/hugepages, libvirt's <hugepages/>) or a tmpfs
+mounted with huge=always (transparent huge pages).  Real mounts, made for
+each test (root; a hugetlbfs also needs free pages in the machine's pool,
+which .ci/run reserves).
+
+A channel maps a block whole, shared, and populates and lets go of it in
+whole chunks (2 MiB, aligned in the block), so the kernel maps such
+memory with one entry per huge page instead of 512: next to no page
+tables to build, which is where the speed of huge pages comes from
+(docs/DESIGN.md, "Huge pages").
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import channel_processes, mounted
+
+import parallel_save as ps
+
+PAGE = 4096
+HUGE_PAGE = 2 << 20
+BLOCK_BYTES = 16 << 20
+# A test holds at most a source and a destination, and two run at once.
+MOUNT_BYTES = 2 * BLOCK_BYTES
+POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+
+
+def _free_huge_pages() -> int:
+    try:
+        return int((POOL / "free_hugepages").read_text())
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.fixture(params=["hugetlbfs", "thp"])
+def huge_memory(request, tmp_path) -> tuple[str, Path]:
+    """A mount whose files are memory in 2 MiB pages."""
+    if request.param == "hugetlbfs":
+        needed = MOUNT_BYTES // HUGE_PAGE
+        if _free_huge_pages() < needed:
+            reason = (f"needs {needed} free 2 MiB huge pages "
+                      f"(echo {needed * 2} > /proc/sys/vm/nr_hugepages)")
+            if os.environ.get("PARALLEL_SAVE_REQUIRE_HUGE_PAGES") == "1":
+                pytest.fail(reason)
+            pytest.skip(reason)
+        options = f"pagesize=2M,size={MOUNT_BYTES}"
+    else:
+        options = f"huge=always,size={MOUNT_BYTES}"
+    fstype = "hugetlbfs" if request.param == "hugetlbfs" else "tmpfs"
+    with mounted(tmp_path / request.param, fstype, options) as mount_point:
+        yield request.param, mount_point
+
+
+def _memory_file(path: Path, pages: np.ndarray | None = None) -> tuple[mmap.mmap, np.ndarray]:
+    """A new file of BLOCK_BYTES at ``path``, mapped shared (a hugetlbfs
+    file can only be written through a mapping), with ``pages`` in it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, BLOCK_BYTES)
+        mapping = mmap.mmap(fd, BLOCK_BYTES, mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+    array = np.frombuffer(mapping, np.uint8)
+    if pages is not None:
+        array[:] = pages.reshape(-1)
+    return mapping, array
+
+
+def _half_zero(seed: int) -> tuple[np.ndarray, int]:
+    """BLOCK_BYTES of pages, half of them zero at random places; the others
+    start with zero words, so no check can stop at a page's first word."""
+    rng = np.random.default_rng(seed)
+    pages = rng.integers(1, 256, (BLOCK_BYTES // PAGE, PAGE), dtype=np.uint8)
+    pages[:, :1024] = 0
+    zero = rng.random(len(pages)) < 0.5
+    pages[zero] = 0
+    return pages, int((~zero).sum())
+
+
+def test_a_block_in_huge_pages_saves_and_restores_exactly(huge_memory, tmp_path):
+    """Saved by three channels claiming their shards, restored by two into
+    huge-page memory full of other bytes (so the zero pages must be
+    cleared: a hugetlbfs destination cannot take sendfile, and is read
+    into)."""
+    _, mount_point = huge_memory
+    pages, nonzero = _half_zero(seed=1)
+    source, source_array = _memory_file(mount_point / "source.ram", pages)
+    image = tmp_path / "huge.img"
+    with ps.RamBlock.from_file("pc.ram", mount_point / "source.ram", writable=False) as block:
+        stats = ps.save(image, [block], channels=3)
+    assert stats.pages_written == nonzero
+    with ps.open_image(image) as opened:
+        assert opened.blocks["pc.ram"].pages_present == nonzero
+
+    garbage = np.full(pages.shape, 0xA5, np.uint8)
+    destination, destination_array = _memory_file(mount_point / "destination.ram", garbage)
+    with ps.RamBlock.from_file("pc.ram", mount_point / "destination.ram") as block:
+        restored = ps.restore(image, [block], channels=2)
+    assert restored.pages_read == nonzero
+    assert np.array_equal(destination_array, source_array)
+    del source_array, destination_array
+    source.close()
+    destination.close()
+
+
+def test_a_live_save_of_huge_page_memory_clears_pages_zeroed_after_a_pass(huge_memory,
+                                                                          tmp_path):
+    """A page written by the first pass and zeroed before the last is not
+    in the file; a page written only later is; huge pages change nothing of
+    what each pass writes."""
+    _, mount_point = huge_memory
+    pages, nonzero = _half_zero(seed=2)
+    mapping, array = _memory_file(mount_point / "live.ram", pages)
+    words = array.reshape(-1, PAGE)
+    was_data = np.flatnonzero(words.any(axis=1))
+    was_zero = np.flatnonzero(~words.any(axis=1))
+    zeroed, filled = was_data[:: 7], was_zero[:: 11]
+    image = tmp_path / "live.img"
+    with (ps.RamBlock.from_file("pc.ram", mount_point / "live.ram") as block,
+          ps.Saver(image, [block], channels=2, sync=False) as saver):
+        saver.setup()
+        first = saver.iterate()
+        words[zeroed] = 0
+        words[filled] = 0x5A
+        dirty = np.zeros(block.pages, dtype=bool)
+        dirty[zeroed] = dirty[filled] = True
+        last = saver.complete(dirty={"pc.ram": dirty})
+    assert first.pages_written == nonzero
+    assert last.passes[-1].pages_written == len(filled)
+    with ps.open_image(image) as opened:
+        present = opened.blocks["pc.ram"].bitmap
+        assert not present[zeroed].any()
+        assert present[filled].all()
+        assert np.array_equal(opened.read_block("pc.ram"), array)
+    del words, array
+    mapping.close()
+
+
+def _mapped_in_huge_pages(pid: int, kind: str) -> int:
+    """Bytes of huge pages mapped by ``pid``: hugetlbfs pages, or a tmpfs's
+    transparent huge pages mapped whole (one page-table entry each)."""
+    field = "Shared_Hugetlb" if kind == "hugetlbfs" else "ShmemPmdMapped"
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", rollup, re.MULTILINE).group(1)) << 10
+
+
+def test_channels_map_memory_in_huge_pages_with_huge_pages(huge_memory, tmp_path):
+    """Between two checkpoints a checkpointer's channels keep their
+    mappings: together they map the block's memory in 2 MiB pages, each
+    channel its share.  (The same test over a tmpfs mounted huge=never
+    finds ShmemPmdMapped 0: memory in 4 KiB pages, one page-table entry
+    each.)"""
+    kind, mount_point = huge_memory
+    pages = np.ones((BLOCK_BYTES // PAGE, PAGE), np.uint8)  # every page data
+    mapping, array = _memory_file(mount_point / "checkpointed.ram", pages)
+    (tmp_path / "checkpoints").mkdir()
+    with (ps.RamBlock.from_file("pc.ram", mount_point / "checkpointed.ram") as block,
+          ps.Checkpointer(tmp_path / "checkpoints", [block], channels=2) as checkpointer):
+        stats = checkpointer.checkpoint()
+        assert stats.pages_written == BLOCK_BYTES // PAGE
+        channels = [child.pid for child in channel_processes()]
+        assert len(channels) == 2
+        mapped = [_mapped_in_huge_pages(pid, kind) for pid in channels]
+    assert sum(mapped) == BLOCK_BYTES, mapped
+    assert all(mapped), mapped  # each channel its share
+    del array
+    mapping.close()
