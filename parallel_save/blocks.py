@@ -236,9 +236,17 @@ class BlockMapping:
             return
         self.fd = open_source(source, writable)
         try:
-            start = source.offset - source.offset % mmap.ALLOCATIONGRANULARITY
+            # A hugetlbfs file maps in whole huge pages only (offset and
+            # length), and says its page size as its block size; a block
+            # may begin or end inside one (a buffer carved out of a larger
+            # mapping).  Elsewhere whole pages will do.
+            unit = max(mmap.ALLOCATIONGRANULARITY, os.fstatvfs(self.fd).f_bsize)
+            start = source.offset - source.offset % unit
             self.skip = source.offset - start
-            self.mapping = mmap.mmap(self.fd, source.length + self.skip, mmap.MAP_SHARED,
+            length = source.length + self.skip
+            if unit > mmap.ALLOCATIONGRANULARITY:
+                length += -length % unit
+            self.mapping = mmap.mmap(self.fd, length, mmap.MAP_SHARED,
                                      access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ,
                                      offset=start)
         except BaseException:

@@ -172,3 +172,31 @@ def test_channels_map_memory_in_huge_pages_with_huge_pages(huge_memory, tmp_path
     assert all(mapped), mapped  # each channel its share
     del array
     mapping.close()
+
+
+def test_a_block_that_begins_inside_a_huge_page_saves_and_restores_exactly(huge_memory,
+                                                                            tmp_path):
+    """A block carved out of a larger mapping 4 KiB into a huge page (and
+    so ending inside one): a hugetlbfs maps only whole huge pages, so a
+    channel maps from the huge page the block begins in (it used to fail
+    with EINVAL from mmap), and the block's bytes are exactly its own."""
+    _, mount_point = huge_memory
+    pages, _ = _half_zero(seed=5)
+    source, source_array = _memory_file(mount_point / "source.ram", pages)
+    carved = slice(PAGE, PAGE + (BLOCK_BYTES >> 1))
+    expected = int(source_array[carved].reshape(-1, PAGE).any(axis=1).sum())
+    image = tmp_path / "carved.img"
+    with ps.RamBlock("pc.ram", memoryview(source)[carved]) as block:
+        assert ps.save(image, [block], channels=2).pages_written == expected
+
+    destination, destination_array = _memory_file(
+        mount_point / "destination.ram", np.full(pages.shape, 0xA5, np.uint8))
+    with ps.RamBlock("pc.ram", memoryview(destination)[carved]) as block:
+        assert ps.restore(image, [block], channels=2).pages_read == expected
+    assert np.array_equal(destination_array[carved], source_array[carved])
+    # Around the block, nothing was touched.
+    assert (destination_array[:PAGE] == 0xA5).all()
+    assert (destination_array[carved.stop:] == 0xA5).all()
+    del source_array, destination_array
+    source.close()
+    destination.close()
