@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from parallel_save.files import free_bytes
+
 PAGE_SIZE = 4096
 SHM_DIR = Path("/dev/shm")
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -134,14 +136,6 @@ def memory_kind(directory: Path) -> MemoryKind:
     return MemoryKind(fstype, mount, PAGE_SIZE, huge)
 
 
-def _huge_pages_free(page_bytes: int) -> int:
-    pool = Path(f"/sys/kernel/mm/hugepages/hugepages-{page_bytes >> 10}kB")
-    free = int((pool / "free_hugepages").read_text())
-    overcommit = int(Path("/proc/sys/vm/nr_overcommit_hugepages").read_text())
-    surplus = int((pool / "surplus_hugepages").read_text())
-    return (free + max(0, overcommit - surplus)) * page_bytes
-
-
 def check_room(size: int, directory: Path = SHM_DIR) -> None:
     """Refuse, before minutes of filling, an image this machine cannot hold
     (shared memory is RAM, and the written files fill the page cache too;
@@ -152,15 +146,16 @@ def check_room(size: int, directory: Path = SHM_DIR) -> None:
         raise BenchError(f"a {size_text(size)} image is not a whole number of the "
                          f"{kind.page_bytes >> 10} KiB pages of {kind.text}")
     if kind.fstype == "hugetlbfs":
-        free = _huge_pages_free(kind.page_bytes)
+        free = free_bytes(str(directory))
         if needed > free:
+            hint = ("its size= limit" if os.statvfs(directory).f_blocks else
+                    f"raise /proc/sys/vm/nr_hugepages by "
+                    f"{-(-(needed - free) // kind.page_bytes)}")
             raise BenchError(
                 f"a {size_text(size)} image needs {needed / 2**30:.2f} GiB of huge pages "
-                f"in {kind.text}; {free / 2**30:.2f} GiB are free (raise "
-                f"/proc/sys/vm/nr_hugepages by {-(-(needed - free) // kind.page_bytes)})")
+                f"in {kind.text}; {free / 2**30:.2f} GiB are free ({hint})")
         return
-    stat = os.statvfs(directory)
-    free = stat.f_bavail * stat.f_frsize
+    free = free_bytes(str(directory))
     available = _mem_available()
     if needed > free or needed > available * 0.8:
         raise BenchError(f"a {size_text(size)} image needs {needed / 2**30:.2f} GiB "

@@ -17,6 +17,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from . import background, libc
 from .errors import FileError
@@ -79,6 +80,31 @@ def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY, *,
 
 # sync_file_range(2) flag: start writing the dirty pages back, wait for none.
 _SYNC_FILE_RANGE_WRITE = 2
+
+
+# Where the kernel keeps its pools of huge pages, one per page size.
+HUGE_PAGE_POOLS = "/sys/kernel/mm/hugepages"
+
+
+def free_bytes(directory: str) -> int:
+    """Bytes the file system of ``directory`` can still take.  A hugetlbfs
+    mounted without a size limit (as /dev/hugepages is) says 0 of 0 blocks:
+    its files take their pages from the machine's pool of huge pages of its
+    page size (its block size), so that pool's free pages, less those
+    reserved for mappings already made, plus what it may still overcommit,
+    are what it can take."""
+    info = os.statvfs(directory)
+    if info.f_blocks or info.f_bsize <= os.sysconf("SC_PAGE_SIZE"):
+        return info.f_bavail * info.f_frsize
+    pool = Path(HUGE_PAGE_POOLS, f"hugepages-{info.f_bsize >> 10}kB")
+    try:
+        free, reserved, overcommit, surplus = (
+            int((pool / name).read_text(encoding="ascii"))
+            for name in ("free_hugepages", "resv_hugepages", "nr_overcommit_hugepages",
+                         "surplus_hugepages"))
+    except OSError:
+        return 0  # not a pool we know: nothing we can promise
+    return max(0, free - reserved + max(0, overcommit - surplus)) * info.f_bsize
 
 
 def start_writeback(fd: int) -> None:

@@ -34,7 +34,7 @@ from typing import Self
 
 from .blocks import RamBlock
 from .errors import DestinationError, FileError
-from .files import file_kind, not_regular, open_regular
+from .files import file_kind, free_bytes, not_regular, open_regular
 
 DEFAULT_MODE = 0o600
 DIRECTORY_MODE = 0o700
@@ -125,8 +125,7 @@ class Destinations:
         for outs in by_device.values():
             want = sum(needed[out.name] for out in outs)
             freed = sum(out.existing.st_blocks * 512 for out in outs if out.existing)
-            info = os.statvfs(self._existing_dir(outs[0]))
-            free = info.f_bavail * info.f_frsize
+            free = free_bytes(self._existing_dir(outs[0]))
             if want > free + freed:
                 names = ", ".join(out.path for out in outs)
                 raise DestinationError(
@@ -157,7 +156,7 @@ class Destinations:
                 self._open_one(out)
             for out in self.files:
                 os.ftruncate(out.fd, 0)  # the old contents go: holes, no stale page
-                os.ftruncate(out.fd, out.length)
+                _resize(out)
         except BaseException:
             self.rollback()
             raise
@@ -212,6 +211,20 @@ class Destinations:
             except OSError:
                 pass
         return removed, changed
+
+
+def _resize(out: OutFile) -> None:
+    """Make a destination its block's length, or say why it cannot be."""
+    try:
+        os.ftruncate(out.fd, out.length)
+    except OSError as error:
+        unit = os.fstatvfs(out.fd).f_bsize
+        if error.errno == errno.EINVAL and out.length % unit:
+            # A hugetlbfs file holds whole huge pages (its block size).
+            raise DestinationError(
+                f"{out.path}: cannot hold block {out.name!r} of {out.length} bytes: its "
+                f"file system takes only lengths in whole pages of {unit >> 10} KiB") from None
+        raise FileError(error.errno, error.strerror, out.path) from None
 
 
 def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:

@@ -23,6 +23,7 @@ import pytest
 from conftest import channel_processes, mounted
 
 import parallel_save as ps
+from parallel_save.cli import main
 
 PAGE = 4096
 HUGE_PAGE = 2 << 20
@@ -56,6 +57,16 @@ def huge_memory(request, tmp_path) -> tuple[str, Path]:
     fstype = "hugetlbfs" if request.param == "hugetlbfs" else "tmpfs"
     with mounted(tmp_path / request.param, fstype, options) as mount_point:
         yield request.param, mount_point
+
+
+@pytest.fixture
+def unlimited_hugetlbfs(tmp_path) -> Path:
+    """A hugetlbfs mounted as /dev/hugepages is, without a size limit: it
+    says it has 0 of 0 blocks, and takes its pages from the pool."""
+    if _free_huge_pages() < 4:
+        pytest.skip("needs 4 free 2 MiB huge pages")
+    with mounted(tmp_path / "hugepages", "hugetlbfs", "pagesize=2M") as mount_point:
+        yield mount_point
 
 
 def _memory_file(path: Path, pages: np.ndarray | None = None) -> tuple[mmap.mmap, np.ndarray]:
@@ -200,3 +211,38 @@ def test_a_block_that_begins_inside_a_huge_page_saves_and_restores_exactly(huge_
     del source_array, destination_array
     source.close()
     destination.close()
+
+
+def _saved_image(tmp_path: Path, length: int) -> tuple[Path, bytes]:
+    """An image of one block of ``length`` bytes, half its pages zero."""
+    memory = tmp_path / "memory.ram"
+    pages, _ = _half_zero(seed=6)
+    memory.write_bytes(pages.reshape(-1)[:length].tobytes())
+    image = tmp_path / "vm.img"
+    assert main(["save", "--quiet", "--block", f"pc.ram={memory}", str(image)]) == 0
+    return image, memory.read_bytes()
+
+
+def test_a_restore_into_a_hugetlbfs_without_a_size_limit_counts_the_pool(
+        unlimited_hugetlbfs, tmp_path, capsys):
+    """Its statvfs says 0 bytes free; the pool's free pages are what it has
+    (the restore was refused: "no space left ... 0 bytes free")."""
+    image, data = _saved_image(tmp_path, 2 * HUGE_PAGE)
+    destination = unlimited_hugetlbfs / "pc.ram"
+    status = main(["restore", "--quiet", "--block", f"pc.ram={destination}", str(image)])
+    assert (status, capsys.readouterr().err) == (0, "")
+    assert destination.read_bytes() == data
+
+
+def test_a_block_that_is_not_whole_huge_pages_is_refused_naming_the_file(
+        unlimited_hugetlbfs, tmp_path, capsys):
+    """A hugetlbfs file holds whole huge pages: a block of 1 MiB cannot be
+    restored into one, and the error says which file and why (it was
+    "[Errno 22] Invalid argument"); the file made for it is removed."""
+    image, _ = _saved_image(tmp_path, HUGE_PAGE // 2)
+    destination = unlimited_hugetlbfs / "pc.ram"
+    status = main(["restore", "--block", f"pc.ram={destination}", str(image)])
+    assert (status, capsys.readouterr().err) == (1, (
+        f"parallel-save: error: {destination}: cannot hold block 'pc.ram' of 1048576 "
+        f"bytes: its file system takes only lengths in whole pages of 2048 KiB\n"))
+    assert list(unlimited_hugetlbfs.iterdir()) == []
