@@ -30,7 +30,7 @@ import numpy as np
 import parallel_save
 
 from .qemu import qemu_binary
-from .workload import SHM_DIR, memory_kind
+from .workload import SHM_DIR, memory_kind, mount_of
 
 MIB = 1 << 20
 MEMORY_LIMIT = 150 * MIB
@@ -233,21 +233,6 @@ def format_targets(rows: list[dict[str, Any]]) -> str:
 # --- the machine -----------------------------------------------------------
 
 
-def _file_system(path: Path) -> dict[str, str]:
-    """Type and device of the mount holding ``path`` (the longest mount
-    point that contains it)."""
-    real = os.path.realpath(path)
-    best = {"type": "unknown", "device": "unknown", "mount": "/"}
-    best_length = -1
-    with open("/proc/mounts", encoding="utf-8") as mounts:
-        for line in mounts:
-            device, mount, fstype = line.split()[:3]
-            inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-            if inside and len(mount) > best_length:
-                best, best_length = {"type": fstype, "device": device, "mount": mount}, len(mount)
-    return best
-
-
 def _first_line(command: list[str]) -> str | None:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
@@ -270,8 +255,8 @@ def machine(workdir: Path, memory_dir: Path = SHM_DIR) -> dict[str, Any]:
     repository = Path(parallel_save.__file__).resolve().parent.parent
     return {
         "cores": os.cpu_count(), "cpu": cpu, "memory_bytes": memory,
-        "workdir_fs": _file_system(workdir),
-        "memory_fs": {**_file_system(memory_dir), "kind": memory_kind(memory_dir).text},
+        "workdir_fs": mount_of(workdir),
+        "memory_fs": {**mount_of(memory_dir), "kind": memory_kind(memory_dir).text},
         "kernel": platform.release(),
         "qemu": _first_line([binary, "--version"]) if binary else None,
         "python": platform.python_version(), "numpy": np.__version__,

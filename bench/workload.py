@@ -112,28 +112,35 @@ class MemoryKind:
         return f"tmpfs (4 KiB pages) at {self.mount}"
 
 
-def memory_kind(directory: Path) -> MemoryKind:
-    """What the files in ``directory`` are made of: the mount holding it
-    (the longest mount point that contains it) must be a tmpfs or a
-    hugetlbfs, memory that both parallel-save's channels and QEMU map
-    shared."""
-    real = os.path.realpath(directory)
-    found, length = None, -1
+def mount_of(path: str | os.PathLike) -> dict[str, str]:
+    """Device, mount point, type and options of the mount holding ``path``
+    (the longest mount point that contains it)."""
+    real = os.path.realpath(path)
+    best = {"type": "unknown", "device": "unknown", "mount": "/", "options": ""}
+    best_length = -1
     with open("/proc/mounts", encoding="utf-8") as mounts:
         for line in mounts:
-            _, mount, fstype, options = line.split()[:4]
+            device, mount, fstype, options = line.split()[:4]
             inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-            if inside and len(mount) > length:
-                found, length = (mount, fstype, options.split(",")), len(mount)
-    if found is None or found[1] not in ("tmpfs", "hugetlbfs"):
-        kind = found[1] if found else "no mount"
-        raise BenchError(f"--memory-dir {directory}: a {kind}, not shared memory "
+            if inside and len(mount) > best_length:
+                best = {"type": fstype, "device": device, "mount": mount, "options": options}
+                best_length = len(mount)
+    return best
+
+
+def memory_kind(directory: Path) -> MemoryKind:
+    """What the files in ``directory`` are made of: its mount must be a
+    tmpfs or a hugetlbfs, memory that both parallel-save's channels and
+    QEMU map shared."""
+    found = mount_of(directory)
+    if found["type"] not in ("tmpfs", "hugetlbfs"):
+        raise BenchError(f"--memory-dir {directory}: a {found['type']}, not shared memory "
                          f"(a tmpfs or a hugetlbfs)")
-    mount, fstype, options = found
-    if fstype == "hugetlbfs":
-        return MemoryKind(fstype, mount, os.statvfs(real).f_bsize, True)
-    huge = any(option in ("huge=always", "huge=within_size") for option in options)
-    return MemoryKind(fstype, mount, PAGE_SIZE, huge)
+    if found["type"] == "hugetlbfs":
+        return MemoryKind("hugetlbfs", found["mount"], os.statvfs(directory).f_bsize, True)
+    huge = any(option in ("huge=always", "huge=within_size")
+               for option in found["options"].split(","))
+    return MemoryKind("tmpfs", found["mount"], PAGE_SIZE, huge)
 
 
 def check_room(size: int, directory: Path = SHM_DIR) -> None:
@@ -145,8 +152,8 @@ def check_room(size: int, directory: Path = SHM_DIR) -> None:
     if size % kind.page_bytes:
         raise BenchError(f"a {size_text(size)} image is not a whole number of the "
                          f"{kind.page_bytes >> 10} KiB pages of {kind.text}")
+    free = free_bytes(str(directory))
     if kind.fstype == "hugetlbfs":
-        free = free_bytes(str(directory))
         if needed > free:
             hint = ("its size= limit" if os.statvfs(directory).f_blocks else
                     f"raise /proc/sys/vm/nr_hugepages by "
@@ -155,7 +162,6 @@ def check_room(size: int, directory: Path = SHM_DIR) -> None:
                 f"a {size_text(size)} image needs {needed / 2**30:.2f} GiB of huge pages "
                 f"in {kind.text}; {free / 2**30:.2f} GiB are free ({hint})")
         return
-    free = free_bytes(str(directory))
     available = _mem_available()
     if needed > free or needed > available * 0.8:
         raise BenchError(f"a {size_text(size)} image needs {needed / 2**30:.2f} GiB "
