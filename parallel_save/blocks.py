@@ -13,6 +13,7 @@ instead of being saved from a stale copy.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 from dataclasses import dataclass
@@ -206,7 +207,7 @@ class RamBlock:
                              f"{error.strerror}") from None
         try:
             if create and length is not None:
-                os.ftruncate(fd, length)
+                _resize(fd, name, path, length)
             size = os.fstat(fd).st_size
             if length is not None and size != length:
                 raise BlockError(f"block {name!r}: {path} is {size} bytes, "
@@ -219,6 +220,20 @@ class RamBlock:
         finally:
             os.close(fd)
         return cls(name, mapping)
+
+
+def _resize(fd: int, name: str, path: str, length: int) -> None:
+    try:
+        os.ftruncate(fd, length)
+    except OSError as error:
+        unit = os.fstatvfs(fd).f_bsize
+        if error.errno == errno.EINVAL and length % unit:
+            # A hugetlbfs file holds whole huge pages (its block size).
+            raise BlockError(f"block {name!r}: {path} cannot be {length} bytes long: its "
+                             f"file system takes only lengths in whole pages of "
+                             f"{unit >> 10} KiB") from None
+        raise BlockError(f"block {name!r}: cannot make {path} {length} bytes long: "
+                         f"{error.strerror}") from None
 
 
 class BlockMapping:

@@ -466,6 +466,7 @@ def partly_done_together(path, targets: list[ps.RamBlock], channels: int) -> int
         def watch() -> None:
             while running.is_set():
                 seen.append(group.control.counters[:, PAGES_DONE].copy())
+                time.sleep(0.0002)  # a few hundred looks a pass, not a GIL held throughout
 
         watcher = threading.Thread(target=watch)
         watcher.start()
