@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import channel_processes, mounted
+from qemu_support import load_into_qemu, plant_edge_pages, require_mapped_ram_qemu
 
 import parallel_save as ps
+from bench.qemu import QemuVM
 from parallel_save.cli import main
 
 PAGE = 4096
@@ -260,3 +262,35 @@ def test_a_block_file_made_in_a_hugetlbfs_must_be_whole_huge_pages(unlimited_hug
         f"only lengths in whole pages of 2048 KiB")
     with ps.RamBlock.from_file("pc.ram", path, length=HUGE_PAGE, create=True) as block:
         assert block.length == HUGE_PAGE
+
+
+@pytest.mark.qemu
+def test_qemu_and_we_load_each_others_saves_of_huge_page_memory(huge_memory, tmp_path):
+    """A guest whose RAM is a file of huge pages (QEMU's memory-backend-file
+    over it, as -mem-path /dev/hugepages gives): QEMU's multifd save
+    restores exactly into huge-page memory, and QEMU loads our save of that
+    memory into a guest of huge pages exactly."""
+    require_mapped_ram_qemu()
+    _, mount_point = huge_memory
+    pages, _ = _half_zero(seed=7)
+    plant_edge_pages(pages.reshape(-1))
+    guest, guest_array = _memory_file(mount_point / "guest.ram", pages)
+    theirs = tmp_path / "qemu.img"
+    with QemuVM(mount_point / "guest.ram", BLOCK_BYTES) as vm:
+        vm.save(theirs, multifd_channels=2)
+    loaded, loaded_array = _memory_file(mount_point / "loaded.ram",
+                                        np.full(pages.shape, 0xA5, np.uint8))
+    with ps.RamBlock.from_file("ram0", mount_point / "loaded.ram") as block:
+        ps.restore(theirs, [block], channels=2)
+    assert np.array_equal(loaded_array, guest_array)
+
+    ours = tmp_path / "ours.img"
+    loaded_array[:] = 0  # fresh RAM, as QEMU's load expects
+    with (ps.RamBlock.from_file("ram0", mount_point / "guest.ram", writable=False) as block,
+          QemuVM(mount_point / "loaded.ram", BLOCK_BYTES, incoming=True) as vm):
+        ps.save(ours, [block], channels=3, machine=vm.machine_type())
+        load_into_qemu(vm, ours, multifd_channels=2)
+    assert np.array_equal(loaded_array, guest_array)
+    del guest_array, loaded_array
+    guest.close()
+    loaded.close()
