@@ -294,3 +294,31 @@ def test_qemu_and_we_load_each_others_saves_of_huge_page_memory(huge_memory, tmp
     del guest_array, loaded_array
     guest.close()
     loaded.close()
+
+
+def test_the_uffd_tracker_over_huge_page_memory_misses_no_write(huge_memory, tmp_path):
+    """Checkpoints tracked by userfaultfd write-protection: every write
+    between two checkpoints reaches the image (the kernel write-protects a
+    hugetlbfs page whole, so one written byte there saves its 512 pages)."""
+    if ps.uffd_support() is not None:
+        pytest.skip(f"userfaultfd write-protect: {ps.uffd_support()}")
+    _, mount_point = huge_memory
+    pages, _ = _half_zero(seed=8)
+    mapping, array = _memory_file(mount_point / "tracked.ram", pages)
+    words = array.reshape(-1, PAGE)
+    (tmp_path / "checkpoints").mkdir()
+    with (ps.RamBlock("ram0", memoryview(mapping)) as block, ps.UffdTracker([block]) as tracker,
+          ps.Checkpointer(tmp_path / "checkpoints", [block], channels=2,
+                          tracker=tracker) as checkpointer):
+        checkpointer.checkpoint()
+        checkpointer.checkpoint()  # both images written whole once
+        for step, page in enumerate((5, 700, 3000)):
+            words[page, 17] = step + 1
+            stats = checkpointer.checkpoint()
+            assert 1 <= stats.pages_written <= 2 * (HUGE_PAGE // PAGE)
+            copy = np.zeros(block.length, np.uint8)
+            with ps.open_image(stats.image) as image:
+                image.read_block("ram0", out=copy)
+            assert np.array_equal(copy, array)
+    del words, array
+    mapping.close()
