@@ -198,10 +198,18 @@ class RamBlock:
         ``length``, when ``create``).  The file is never read into private
         memory: a save reads the pages straight from the page cache."""
         path = os.fspath(path)
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_CREAT if create else 0)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        created = False
         try:
-            # Created 0600: the file holds memory.
-            fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+            if create:
+                try:
+                    # Created 0600: the file holds memory.
+                    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+                    created = True
+                except FileExistsError:
+                    fd = os.open(path, flags)
+            else:
+                fd = os.open(path, flags)
         except OSError as error:
             raise BlockError(f"block {name!r}: cannot open {path}: "
                              f"{error.strerror}") from None
@@ -217,9 +225,24 @@ class RamBlock:
                                  f"positive multiple of the page size {PAGE_SIZE}")
             access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, access=access)
+        except BaseException:
+            if created:
+                _remove_if_still(path, fd)  # a failure leaves no file of ours behind
+            raise
         finally:
             os.close(fd)
         return cls(name, mapping)
+
+
+def _remove_if_still(path: str, fd: int) -> None:
+    """Unlink ``path`` if it still names the file open as ``fd``."""
+    try:
+        found = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return
+    ours = os.fstat(fd)
+    if (found.st_dev, found.st_ino) == (ours.st_dev, ours.st_ino):
+        os.unlink(path)
 
 
 def _resize(fd: int, name: str, path: str, length: int) -> None:

@@ -253,13 +253,15 @@ def test_a_block_that_is_not_whole_huge_pages_is_refused_naming_the_file(
 
 def test_a_block_file_made_in_a_hugetlbfs_must_be_whole_huge_pages(unlimited_hugetlbfs):
     """RamBlock.from_file(create=True) says why, naming the block and the
-    file (it raised a bare "[Errno 22] Invalid argument")."""
+    file (it raised a bare "[Errno 22] Invalid argument", and left the
+    empty file it had made)."""
     path = unlimited_hugetlbfs / "pc.ram"
     with pytest.raises(ps.BlockError) as caught:
         ps.RamBlock.from_file("pc.ram", path, length=HUGE_PAGE // 2, create=True)
     assert str(caught.value) == (
         f"block 'pc.ram': {path} cannot be 1048576 bytes long: its file system takes "
         f"only lengths in whole pages of 2048 KiB")
+    assert not path.exists()  # the file it made for the block is gone again
     with ps.RamBlock.from_file("pc.ram", path, length=HUGE_PAGE, create=True) as block:
         assert block.length == HUGE_PAGE
 
