@@ -13,7 +13,6 @@ instead of being saved from a stale copy.
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 
 from . import libc
 from .errors import BlockError
+from .files import length_refusal, unlink_if_ours
 from .format import PAGE_SIZE, check_block_length, check_block_name
 
 
@@ -227,36 +227,20 @@ class RamBlock:
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, access=access)
         except BaseException:
             if created:
-                _remove_if_still(path, fd)  # a failure leaves no file of ours behind
+                unlink_if_ours(path, fd)  # a failure leaves no file of ours behind
             raise
         finally:
             os.close(fd)
         return cls(name, mapping)
 
 
-def _remove_if_still(path: str, fd: int) -> None:
-    """Unlink ``path`` if it still names the file open as ``fd``."""
-    try:
-        found = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return
-    ours = os.fstat(fd)
-    if (found.st_dev, found.st_ino) == (ours.st_dev, ours.st_ino):
-        os.unlink(path)
-
-
 def _resize(fd: int, name: str, path: str, length: int) -> None:
     try:
         os.ftruncate(fd, length)
     except OSError as error:
-        unit = os.fstatvfs(fd).f_bsize
-        if error.errno == errno.EINVAL and length % unit:
-            # A hugetlbfs file holds whole huge pages (its block size).
-            raise BlockError(f"block {name!r}: {path} cannot be {length} bytes long: its "
-                             f"file system takes only lengths in whole pages of "
-                             f"{unit >> 10} KiB") from None
+        reason = length_refusal(fd, length, error) or error.strerror
         raise BlockError(f"block {name!r}: cannot make {path} {length} bytes long: "
-                         f"{error.strerror}") from None
+                         f"{reason}") from None
 
 
 class BlockMapping:

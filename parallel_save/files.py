@@ -107,6 +107,35 @@ def free_bytes(directory: str) -> int:
     return max(0, free - reserved + max(0, overcommit - surplus)) * info.f_bsize
 
 
+def unlink_if_ours(path: str, fd: int, dir_fd: int | None = None) -> bool:
+    """Unlink ``path`` (relative to ``dir_fd``) if it still names the file
+    open as ``fd``, never a file another process has put there since;
+    whether it did."""
+    try:
+        found = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    ours = os.fstat(fd)
+    if (found.st_dev, found.st_ino) != (ours.st_dev, ours.st_ino):
+        return False
+    try:
+        os.unlink(path, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def length_refusal(fd: int, length: int, error: OSError) -> str | None:
+    """Why the file open as ``fd`` cannot be made ``length`` bytes long,
+    when ftruncate failed with ``error`` for its file system's page size: a
+    hugetlbfs file holds whole huge pages (its block size) and refuses
+    anything else with EINVAL.  None for any other failure."""
+    unit = os.fstatvfs(fd).f_bsize
+    if error.errno == errno.EINVAL and length % unit:
+        return f"its file system takes only lengths in whole pages of {unit >> 10} KiB"
+    return None
+
+
 def start_writeback(fd: int) -> None:
     """Have the kernel start writing the file's dirty pages to disk now,
     without waiting for them.  A durable save calls it while its channels

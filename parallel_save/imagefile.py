@@ -38,7 +38,7 @@ from . import libc
 from .artifacts import partial_name
 from .directio import check_direct_io_fd
 from .errors import DestinationError, FormatError, ImageWriteError
-from .files import close_in_background, file_kind, start_writeback
+from .files import close_in_background, file_kind, start_writeback, unlink_if_ours
 from .format import StreamLayout, decode_stream, encode_setup
 
 DEFAULT_MODE = 0o600
@@ -265,13 +265,7 @@ class ImageFile:
         """Close everything; a partial file that never became the image is
         removed (an unnamed one simply goes)."""
         if self.partial is not None and self.fd >= 0:
-            try:
-                found = os.stat(self.partial, dir_fd=self.dir_fd, follow_symlinks=False)
-                ours = os.fstat(self.fd)
-                if (found.st_dev, found.st_ino) == (ours.st_dev, ours.st_ino):
-                    os.unlink(self.partial, dir_fd=self.dir_fd)
-            except FileNotFoundError:
-                pass
+            unlink_if_ours(self.partial, self.fd, self.dir_fd)
         self.partial = None
         self.close()
 

@@ -34,7 +34,14 @@ from typing import Self
 
 from .blocks import RamBlock
 from .errors import DestinationError, FileError
-from .files import file_kind, free_bytes, not_regular, open_regular
+from .files import (
+    file_kind,
+    free_bytes,
+    length_refusal,
+    not_regular,
+    open_regular,
+    unlink_if_ours,
+)
 
 DEFAULT_MODE = 0o600
 DIRECTORY_MODE = 0o700
@@ -197,10 +204,7 @@ class Destinations:
         removed, changed = [], []
         for out in self.files:
             if out.created:
-                now = _lstat(out.entry, out.dir_fd)
-                mine = out.fd >= 0 and now is not None and _same_inode(now, os.fstat(out.fd))
-                if mine:
-                    os.unlink(out.entry, dir_fd=out.dir_fd)
+                if out.fd >= 0 and unlink_if_ours(out.entry, out.fd, out.dir_fd):
                     removed.append(out.path)
             elif out.fd >= 0:
                 changed.append(out.path)
@@ -218,12 +222,10 @@ def _resize(out: OutFile) -> None:
     try:
         os.ftruncate(out.fd, out.length)
     except OSError as error:
-        unit = os.fstatvfs(out.fd).f_bsize
-        if error.errno == errno.EINVAL and out.length % unit:
-            # A hugetlbfs file holds whole huge pages (its block size).
-            raise DestinationError(
-                f"{out.path}: cannot hold block {out.name!r} of {out.length} bytes: its "
-                f"file system takes only lengths in whole pages of {unit >> 10} KiB") from None
+        reason = length_refusal(out.fd, out.length, error)
+        if reason:
+            raise DestinationError(f"{out.path}: cannot hold block {out.name!r} of "
+                                   f"{out.length} bytes: {reason}") from None
         raise FileError(error.errno, error.strerror, out.path) from None
 
 

@@ -259,7 +259,7 @@ def test_a_block_file_made_in_a_hugetlbfs_must_be_whole_huge_pages(unlimited_hug
     with pytest.raises(ps.BlockError) as caught:
         ps.RamBlock.from_file("pc.ram", path, length=HUGE_PAGE // 2, create=True)
     assert str(caught.value) == (
-        f"block 'pc.ram': {path} cannot be 1048576 bytes long: its file system takes "
+        f"block 'pc.ram': cannot make {path} 1048576 bytes long: its file system takes "
         f"only lengths in whole pages of 2048 KiB")
     assert not path.exists()  # the file it made for the block is gone again
     with ps.RamBlock.from_file("pc.ram", path, length=HUGE_PAGE, create=True) as block:
