@@ -201,6 +201,23 @@ def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         at = hole
 
 
+def in_page_cache(fd: int, offset: int, buffer: bytearray) -> bool | None:
+    """Whether the page of the open file at ``offset`` is in the page
+    cache, found by reading it into ``buffer`` (a page's length) with
+    RWF_NOWAIT, which fails rather than wait for the disk: True, False, or
+    None where the file system cannot say (the caller then assumes it is
+    not).  A read of one page: far cheaper than advice about megabytes the
+    cache already holds."""
+    try:
+        return os.preadv(fd, [buffer], offset, os.RWF_NOWAIT) == len(buffer)
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+
+
 def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
     """The [first, last) byte ranges of ``[start, end)`` that hold data in
     the open file, in order (:func:`data_extents`, cut at ``end``)."""

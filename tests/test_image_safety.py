@@ -125,6 +125,40 @@ def test_start_writeback_reaches_the_system_call(tmp_path):
         os.close(fd)
 
 
+def test_in_page_cache_tells_a_cached_page_from_one_on_disk_only(tmp_path, shm):
+    """A restore advises readahead of a window only where its pages are
+    not in the page cache (files.in_page_cache, one RWF_NOWAIT read): a
+    page just written is cached; once the file is synced and its cache
+    dropped, it is not, and reading it brings it back.  A tmpfs (on
+    kernels up to 6.18 at least) refuses RWF_NOWAIT: None, "cannot say",
+    where a restore advises readahead as before, which costs a tmpfs
+    nothing.  It reads into the buffer given, nothing else."""
+    path = tmp_path / "image"
+    path.write_bytes(b"x" * MiB)
+    probe = bytearray(PAGE_SIZE)
+    last = MiB - PAGE_SIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert files.in_page_cache(fd, last, probe) is True
+        assert probe == b"x" * PAGE_SIZE
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, MiB, os.POSIX_FADV_DONTNEED)
+        if files.in_page_cache(fd, last, probe) is not False:
+            pytest.skip(f"{tmp_path} keeps its pages cached after POSIX_FADV_DONTNEED")
+        os.pread(fd, PAGE_SIZE, last)
+        assert files.in_page_cache(fd, last, probe) is True
+    finally:
+        os.close(fd)
+    memory = shm.path()
+    memory.write_bytes(b"y" * MiB)
+    fd = os.open(memory, os.O_RDONLY)
+    try:
+        cached = files.in_page_cache(fd, 0, probe)
+        assert cached is None or (cached is True and probe == b"y" * PAGE_SIZE)
+    finally:
+        os.close(fd)
+
+
 def test_a_block_mapping_advises_exactly_the_pages_asked(shm):
     """Channels call madvise(2) through ctypes (BlockMapping.advise), which
     lets go of the GIL where mmap.madvise holds it: the binding must reach

@@ -30,6 +30,11 @@ import signal
 import threading
 import time
 from concurrent import futures
+
+# Imported by name, so now, not on each forked channel's first look-ahead
+# thread (the package imports it lazily): launching one channel waited for
+# those imports, 8.8 ms instead of 4.5.
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 # The standard library's (same wire as multiprocess's): it imports fast,
@@ -65,7 +70,7 @@ from ..control import (
     ChannelPlan,
     ControlSegment,
 )
-from ..files import data_extents
+from ..files import data_extents, in_page_cache
 from ..format import PAGE_SIZE
 from ..tracking.hashing import PageHasher
 
@@ -523,6 +528,8 @@ class Channel:
         self.can_seek_holes = True
         self.can_remove = True
         self.can_send = True
+        self.can_probe_cache = True
+        self.probe = bytearray(PAGE_SIZE)  # in_page_cache's read
         self.can_drop = True
         self.last_pass = False
         # The last pass's windows left mapped, oldest first, and their own
@@ -542,7 +549,7 @@ class Channel:
         self.shard_pages = plan.shard_chunks * CHUNK_PAGES
         # With a core to spare, a second thread works a window ahead: zero
         # checks of a save, mapping the destination's pages of a restore.
-        self.lookahead = (futures.ThreadPoolExecutor(1, "look-ahead")
+        self.lookahead = (ThreadPoolExecutor(1, "look-ahead")
                           if plan.lookahead else None)
         self.turns = Turns(self.control.fd, plan.readers, hosted) if plan.turns else None
         # A buffered restore sends pages into the destination's file where
@@ -1032,9 +1039,17 @@ class Channel:
     def _read_ahead(self, work: RestoreWindow) -> None:
         if work.starts.size and not self.plan.direct_io:
             # One readahead for the window's whole span: the disk then
-            # reads it in large requests instead of one per run.
+            # reads it in large requests instead of one per run.  Unless
+            # the span's last page is cached already (an image just
+            # written, or read before): the advice walks the cache over
+            # the whole span to find nothing to do, 4 ms of a channel's
+            # 54 in a 2-channel restore of a guest-like 1 GiB.
             low, high = int(work.starts[0]) * PAGE_SIZE, int(work.ends[-1]) * PAGE_SIZE
-            os.posix_fadvise(self.fd, work.base + low, high - low, os.POSIX_FADV_WILLNEED)
+            cached = (in_page_cache(self.fd, work.base + high - PAGE_SIZE, self.probe)
+                      if self.can_probe_cache else None)
+            self.can_probe_cache = cached is not None
+            if not cached:
+                os.posix_fadvise(self.fd, work.base + low, high - low, os.POSIX_FADV_WILLNEED)
 
     def _read_window(self, work: RestoreWindow, zero_clear: bool) -> None:
         started = time.perf_counter_ns()
