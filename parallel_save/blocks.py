@@ -22,7 +22,7 @@ import numpy as np
 
 from . import libc
 from .errors import BlockError
-from .files import length_refusal, unlink_if_ours
+from .files import in_huge_pages, length_refusal, unlink_if_ours
 from .format import PAGE_SIZE, check_block_length, check_block_name
 
 
@@ -252,7 +252,7 @@ class BlockMapping:
     def __init__(self, source: BlockSource, writable: bool) -> None:
         self.source = source
         if not source.path:
-            self.fd, self.mapping, self.skip = -1, None, 0
+            self.fd, self.mapping, self.skip, self.huge = -1, None, 0, False
             self.array = np.ctypeslib.as_array(
                 (ctypes.c_uint8 * source.length).from_address(source.offset))
             return
@@ -263,6 +263,7 @@ class BlockMapping:
             # may begin or end inside one (a buffer carved out of a larger
             # mapping).  Elsewhere whole pages will do.
             unit = max(mmap.ALLOCATIONGRANULARITY, os.fstatvfs(self.fd).f_bsize)
+            self.huge = in_huge_pages(self.fd)  # see Channel.copying
             start = source.offset - source.offset % unit
             self.skip = source.offset - start
             length = source.length + self.skip
