@@ -13,6 +13,7 @@ instead of being saved from a stale copy.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 from dataclasses import dataclass
@@ -252,7 +253,7 @@ class BlockMapping:
     def __init__(self, source: BlockSource, writable: bool) -> None:
         self.source = source
         if not source.path:
-            self.fd, self.mapping, self.skip, self.huge = -1, None, 0, False
+            self.fd, self.mapping, self.skip = -1, None, 0
             self.array = np.ctypeslib.as_array(
                 (ctypes.c_uint8 * source.length).from_address(source.offset))
             return
@@ -263,7 +264,6 @@ class BlockMapping:
             # may begin or end inside one (a buffer carved out of a larger
             # mapping).  Elsewhere whole pages will do.
             unit = max(mmap.ALLOCATIONGRANULARITY, os.fstatvfs(self.fd).f_bsize)
-            self.huge = in_huge_pages(self.fd)  # see Channel.copying
             start = source.offset - source.offset % unit
             self.skip = source.offset - start
             length = source.length + self.skip
@@ -277,6 +277,12 @@ class BlockMapping:
             raise
         self.array = np.frombuffer(self.mapping, dtype=np.uint8, count=source.length,
                                    offset=self.skip)
+
+    @functools.cached_property
+    def huge(self) -> bool:
+        """Whether the block's memory is in huge pages (files.in_huge_pages;
+        a private block: False).  Asked by a saving channel only."""
+        return self.fd >= 0 and in_huge_pages(self.fd)
 
     def advise(self, advice: int, first_page: int, pages: int) -> None:
         """madvise(2) on ``pages`` pages of the block from ``first_page``,

@@ -162,13 +162,14 @@ def copy_steps(count: int, writing: bool, direct_io: bool) -> bool:
     of 4 KiB pages costs a page table entry a page, built and torn down
     for a single pass; a copy costs a copy, whose buffer then serves the
     zero check and the pwrite from the core's cache.  A/B, 1 GiB saves,
-    medians of 12 alternating, two runs each: guest-like at 1 and 2
-    channels 164 -> 149 and 181 -> 158 ms (217 -> 196, 198 -> 175 in
-    another run), dense 257 -> 247 and 293 -> 286 ms; random half-zero,
-    whose cost is its writes, 486 -> 534 and 509 -> 514 ms at 1 channel,
-    604 -> 582 at 2.  At 8 channels on 2 CPUs the copies of eight
-    channels crowd each other out of the caches (guest-like 229 -> 255
-    ms, dense 313 -> 344).  $PARALLEL_SAVE_COPY_STEPS pins it."""
+    medians of 10-16 alternating, in several runs: guest-like at 1
+    channel 164 -> 149 and 228 -> 190 ms, at 2 channels 181 -> 158, 198
+    -> 175 and 180 -> 150 ms; dense at 1 channel 257 -> 247 and 257 ->
+    239 ms, at 2 293 -> 286 and 251 -> 267 ms; random half-zero, whose
+    cost is its writes, 486 -> 534 and 509 -> 514 ms at 1 channel, 604 ->
+    582 at 2.  At 8 channels on 2 CPUs the copies of eight channels
+    crowd each other out of the caches (guest-like 229 -> 255 ms, dense
+    313 -> 344).  $PARALLEL_SAVE_COPY_STEPS pins it."""
     pinned = os.environ.get("PARALLEL_SAVE_COPY_STEPS")
     if pinned:
         return pinned == "1"
