@@ -905,10 +905,11 @@ def test_a_one_pass_save_copies_or_maps_its_pages_to_the_same_image(
     """A one-pass save reads each step of a block's pages from its file
     into a channel's buffer and writes them from there (plan.copy_steps),
     or checks and writes them through its mapping.  Either way, with or
-    without the look-ahead thread (whose lone channel then copies on both
-    threads), of a block 32 MiB into a shared file, with holes, zero pages
-    and runs of data across steps: the same bits, counts and bytes, and
-    the source's holes are neither read nor allocated."""
+    without the look-ahead thread (which then copies and checks the steps
+    a lone channel's thread writes), of a block 32 MiB into a shared file,
+    with holes, zero pages and runs of data across steps: the same bits,
+    counts and bytes, and the source's holes are neither read nor
+    allocated."""
     monkeypatch.setenv("PARALLEL_SAVE_COPY_STEPS", copy_steps)
     monkeypatch.setenv("PARALLEL_SAVE_LOOKAHEAD", lookahead)
     pages = 24 * 512  # 48 MiB: shards of 16 and 32 MiB, steps of 2 MiB
