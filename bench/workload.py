@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parallel_save.files import free_bytes, in_huge_pages
+from parallel_save.files import free_bytes
 
 PAGE_SIZE = 4096
 SHM_DIR = Path("/dev/shm")
@@ -138,11 +138,8 @@ def memory_kind(directory: Path) -> MemoryKind:
                          f"(a tmpfs or a hugetlbfs)")
     if found["type"] == "hugetlbfs":
         return MemoryKind("hugetlbfs", found["mount"], os.statvfs(directory).f_bsize, True)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        huge = in_huge_pages(fd)  # as a save's channels tell it
-    finally:
-        os.close(fd)
+    huge = any(option in ("huge=always", "huge=within_size")
+               for option in found["options"].split(","))
     return MemoryKind("tmpfs", found["mount"], PAGE_SIZE, huge)
 
 

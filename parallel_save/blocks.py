@@ -13,7 +13,6 @@ instead of being saved from a stale copy.
 from __future__ import annotations
 
 import ctypes
-import functools
 import mmap
 import os
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import numpy as np
 
 from . import libc
 from .errors import BlockError
-from .files import in_huge_pages, length_refusal, unlink_if_ours
+from .files import length_refusal, unlink_if_ours
 from .format import PAGE_SIZE, check_block_length, check_block_name
 
 
@@ -277,12 +276,6 @@ class BlockMapping:
             raise
         self.array = np.frombuffer(self.mapping, dtype=np.uint8, count=source.length,
                                    offset=self.skip)
-
-    @functools.cached_property
-    def huge(self) -> bool:
-        """Whether the block's memory is in huge pages (files.in_huge_pages;
-        a private block: False).  Asked by a saving channel only."""
-        return self.fd >= 0 and in_huge_pages(self.fd)
 
     def advise(self, advice: int, first_page: int, pages: int) -> None:
         """madvise(2) on ``pages`` pages of the block from ``first_page``,

@@ -154,28 +154,6 @@ def take_turns(count: int) -> bool:
     return count > 1
 
 
-def copy_steps(count: int, writing: bool, direct_io: bool) -> bool:
-    """Whether ``count`` channels of a one-pass buffered save read each
-    step of pages from the block's file into a buffer, and check and write
-    it there, instead of mapping the memory (workers/channel.py,
-    _copied_save): while there are no more channels than CPUs.  A mapping
-    of 4 KiB pages costs a page table entry a page, built and torn down
-    for a single pass; a copy costs a copy, whose buffer then serves the
-    zero check and the pwrite from the core's cache.  A/B, 1 GiB saves,
-    medians of 10-16 alternating, in several runs: guest-like at 1
-    channel 164 -> 149 and 228 -> 190 ms, at 2 channels 181 -> 158, 198
-    -> 175 and 180 -> 150 ms; dense at 1 channel 257 -> 247 and 257 ->
-    239 ms, at 2 293 -> 286 and 251 -> 267 ms; random half-zero, whose
-    cost is its writes, 486 -> 534 and 509 -> 514 ms at 1 channel, 604 ->
-    582 at 2.  At 8 channels on 2 CPUs the copies of eight channels
-    crowd each other out of the caches (guest-like 229 -> 255 ms, dense
-    313 -> 344).  $PARALLEL_SAVE_COPY_STEPS pins it."""
-    pinned = os.environ.get("PARALLEL_SAVE_COPY_STEPS")
-    if pinned:
-        return pinned == "1"
-    return writing and not direct_io and count <= len(os.sched_getaffinity(0))
-
-
 def restore_readers(count: int) -> int:
     """How many of ``count`` restoring channels may read into their
     mappings beside the one whose turn it is to send (workers/channel.py,
@@ -522,8 +500,7 @@ class ChannelGroup:
                            readers=0 if writing else restore_readers(count),
                            passes_in_turn=passes_in_turn(writing, direct_io),
                            kept_pages=LAST_PASS_KEPT_BYTES // PAGE_SIZE // count,
-                           shard_chunks=shard_chunks(layout.chunks, count, capacity),
-                           copy_steps=copy_steps(count, writing, direct_io))
+                           shard_chunks=shard_chunks(layout.chunks, count, capacity))
         group = cls(count, plan, control, claims)
         group.start(method, image_fd)
         return group

@@ -251,5 +251,3 @@ class ChannelPlan:
     kept_pages: int = 0              # of its last pass, what a channel leaves mapped
                                      # for its exit (channels.LAST_PASS_KEPT_BYTES)
     shard_chunks: int = SHARD_CHUNKS  # chunk numbers per shard (channels.shard_chunks)
-    copy_steps: bool = False         # a one-pass save copies its steps of pages
-                                     # (channels.copy_steps)

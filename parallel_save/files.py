@@ -201,37 +201,6 @@ def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         at = hole
 
 
-_SHMEM_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
-
-
-def in_huge_pages(fd: int) -> bool:
-    """Whether the kernel maps the open file's memory in huge pages: a
-    hugetlbfs (its block size is its page size), or a tmpfs mounted
-    ``huge=always`` or ``huge=within_size``, or any tmpfs where the
-    machine forces transparent huge pages on them (shmem_enabled).  A
-    mapping of such memory costs one page table entry per huge page."""
-    if os.fstatvfs(fd).f_bsize > os.sysconf("SC_PAGE_SIZE"):
-        return True
-    device = os.fstat(fd).st_dev
-    here = f"{os.major(device)}:{os.minor(device)}"
-    try:
-        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
-        enabled = _SHMEM_ENABLED.read_text() if _SHMEM_ENABLED.exists() else ""
-    except OSError:
-        return False
-    for line in mounts:
-        fields = line.split()
-        if len(fields) < 10 or fields[2] != here or "-" not in fields[6:]:
-            continue
-        rest = fields[fields.index("-", 6) + 1:]  # type, source, super options
-        if len(rest) < 3 or rest[0] != "tmpfs" or "[deny]" in enabled:
-            return False
-        options = dict(option.partition("=")[::2] for option in rest[2].split(","))
-        return (options.get("huge") in ("always", "within_size")
-                or "[force]" in enabled)
-    return False
-
-
 def in_page_cache(fd: int, offset: int, buffer: bytearray) -> bool | None:
     """Whether the page of the open file at ``offset`` is in the page
     cache, found by reading it into ``buffer`` (a page's length) with

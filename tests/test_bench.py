@@ -14,6 +14,7 @@ import pytest
 from conftest import mounted
 
 from bench.__main__ import main, parse_args
+from bench.ab import main as ab_main
 from bench.hostmemory import SteadyMemory, largest_order, reporting_state
 from bench.qemu import qemu_supports_mapped_ram
 from bench.report import MEMORY_TARGET, TARGETS
@@ -270,3 +271,33 @@ def test_the_allocation_floor_touches_exactly_the_present_pages(bench_run):
                for r in bench_run["document"]["runs"] if r["contender"] == "allocate pages"}
     assert touched == {label: (image["nonzero_pages"], len(os.sched_getaffinity(0)))
                        for label, image in images.items()}
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def test_ab_runs_two_checkouts_in_turn_and_prints_their_ratio(tmp_path):
+    """``python -m bench.ab`` (the same save by two checkouts, alternating
+    fresh processes), here of this checkout against itself: a median per
+    checkout and the median of the rounds' ratios."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.ab", str(REPOSITORY), str(REPOSITORY), "--size", "16M",
+         "--rounds", "2", "--channels", "1", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "save of a 16 MiB guest image, 1 channel(s), 2 alternating rounds"
+    for line, label in zip(lines[1:3], "AB"):
+        assert re.fullmatch(rf"{label} {re.escape(str(REPOSITORY))}: median \d+\.\d ms "
+                            r"\(rounds \d+\.\d-\d+\.\d\)", line), line
+    assert re.fullmatch(r"B/A: median of the rounds' ratios \d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\); "
+                        r"B faster in [0-2] of 2 rounds", lines[3]), lines[3]
+    assert list(tmp_path.iterdir()) == []  # the written files and their directory: gone
+
+
+def test_ab_refuses_a_directory_that_is_not_a_checkout(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        ab_main([str(REPOSITORY), str(tmp_path)])
+    assert exited.value.code == 2
+    assert (f"CHECKOUT {tmp_path}: not a checkout of parallel-save (no parallel_save/ and "
+            f"bench/ in it)") in capsys.readouterr().err

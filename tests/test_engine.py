@@ -23,7 +23,7 @@ from conftest import channel_processes, thread_names
 import parallel_save as ps
 from parallel_save import channels
 from parallel_save.blocks import BlockMapping
-from parallel_save.channels import ChannelGroup, copy_steps, passes_in_turn
+from parallel_save.channels import ChannelGroup, passes_in_turn
 from parallel_save.control import (
     CHUNK_PAGES,
     LONE_SHARD_CHUNKS,
@@ -895,59 +895,3 @@ def test_round_trip_is_exact_whatever_the_start_method(shm, tmp_path, start_meth
     ps.restore(path, copies, channels=2, start_method=start_method)
     for block, copy in zip(blocks, copies):
         assert np.array_equal(block.array, copy.array)
-
-
-@pytest.mark.parametrize("copy_steps", ["0", "1"], ids=["mapped", "copied"])
-@pytest.mark.parametrize("channels, lookahead", [(1, "0"), (1, "1"), (2, "0"), (2, "1")],
-                         ids=["1-alone", "1-look-ahead", "2-alone", "2-look-ahead"])
-def test_a_one_pass_save_copies_or_maps_its_pages_to_the_same_image(
-        shm, tmp_path, monkeypatch, copy_steps, channels, lookahead):
-    """A one-pass save reads each step of a block's pages from its file
-    into a channel's buffer and writes them from there (plan.copy_steps),
-    or checks and writes them through its mapping.  Either way, with or
-    without the look-ahead thread (which then copies and checks the steps
-    a lone channel's thread writes), of a block 32 MiB into a shared file,
-    with holes, zero pages and runs of data across steps: the same bits,
-    counts and bytes, and the source's holes are neither read nor
-    allocated."""
-    monkeypatch.setenv("PARALLEL_SAVE_COPY_STEPS", copy_steps)
-    monkeypatch.setenv("PARALLEL_SAVE_LOOKAHEAD", lookahead)
-    pages = 24 * 512  # 48 MiB: shards of 16 and 32 MiB, steps of 2 MiB
-    offset = 16 * 512 * PAGE_SIZE
-    rng = np.random.default_rng(71)
-    with ps.RamBlock.from_file("all", shm.path(), length=offset + pages * PAGE_SIZE,
-                               create=True) as whole:
-        rows = whole.array[offset:].reshape(-1, PAGE_SIZE)
-        rows[:] = rng.integers(1, 256, size=rows.shape, dtype=np.uint8)
-        rows[(np.arange(pages) // 300) % 3 == 1] = 0            # long zero runs
-        rows[rng.random(pages) < 0.2] = 0                       # short ones
-        rows[::7, :2048] = 0                                    # zero first halves
-        del rows
-        expected = whole.array[offset:].reshape(-1, PAGE_SIZE).any(axis=1)
-        # Holes of the file: 4 MiB inside the block, and all before it.
-        with open(whole.source.path, "r+b") as file, mmap.mmap(file.fileno(), 0) as mapped:
-            mapped.madvise(mmap.MADV_REMOVE, 0, offset)
-            mapped.madvise(mmap.MADV_REMOVE, offset + 5000 * PAGE_SIZE, 1024 * PAGE_SIZE)
-        expected[5000:6024] = False
-        allocated = os.stat(whole.source.path).st_blocks
-        assert allocated * 512 == (pages - 1024) * PAGE_SIZE
-        with ps.RamBlock("ram1", whole.array[offset:]) as source:
-            path = tmp_path / "vm.img"
-            stats = ps.save(path, [source], channels=channels)
-            assert (stats.pages_written, stats.zero_pages) == (
-                int(expected.sum()), pages - int(expected.sum()))  # holes count as zero
-            with ps.open_image(path) as image:
-                assert np.array_equal(image.blocks["ram1"].bitmap, expected)
-            assert os.stat(whole.source.path).st_blocks == allocated
-            assert_restores_exactly(path, [source], shm, channels=2)
-
-
-def test_a_one_pass_save_copies_its_steps_while_channels_are_no_more_than_cpus(monkeypatch):
-    monkeypatch.delenv("PARALLEL_SAVE_COPY_STEPS", raising=False)
-    cpus = len(os.sched_getaffinity(0))
-    assert copy_steps(cpus, writing=True, direct_io=False)
-    assert not copy_steps(cpus + 1, writing=True, direct_io=False)
-    assert not copy_steps(1, writing=False, direct_io=False)  # a restore
-    assert not copy_steps(1, writing=True, direct_io=True)
-    monkeypatch.setenv("PARALLEL_SAVE_COPY_STEPS", "1")
-    assert copy_steps(cpus + 1, writing=True, direct_io=False)

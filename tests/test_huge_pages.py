@@ -25,7 +25,6 @@ from qemu_support import load_into_qemu, plant_edge_pages, require_mapped_ram_qe
 
 import parallel_save as ps
 from bench.qemu import QemuVM
-from parallel_save import files
 from parallel_save.cli import main
 
 PAGE = 4096
@@ -123,27 +122,6 @@ def test_a_block_in_huge_pages_saves_and_restores_exactly(huge_memory, tmp_path)
     del source_array, destination_array
     source.close()
     destination.close()
-
-
-def test_memory_in_huge_pages_is_told_from_memory_in_4_kib_pages(huge_memory, tmp_path, shm):
-    """A one-pass save copies 4 KiB memory step by step, and maps memory
-    in huge pages (an entry per huge page costs less than a copy): a
-    hugetlbfs file and a file of a tmpfs mounted huge=always are in huge
-    pages; a /dev/shm file and one of a tmpfs mounted huge=never are not."""
-    _, mount_point = huge_memory
-    _memory_file(mount_point / "memory.ram")[0].close()
-    # Unless the machine forces transparent huge pages on every tmpfs.
-    forced = "[force]" in Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()
-    with mounted(tmp_path / "small", "tmpfs", "huge=never,size=4M") as small:
-        (small / "memory.ram").write_bytes(b"x" * PAGE)
-        paths = {mount_point / "memory.ram": True, small / "memory.ram": forced,
-                 shm.block("ram0", 1).source.path: forced}
-        for path, huge in paths.items():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                assert files.in_huge_pages(fd) is huge, path
-            finally:
-                os.close(fd)
 
 
 def test_a_live_save_of_huge_page_memory_clears_pages_zeroed_after_a_pass(huge_memory,

@@ -25,7 +25,6 @@ import fcntl
 import mmap
 import os
 import pickle
-import queue
 import select
 import signal
 import threading
@@ -244,11 +243,6 @@ LAST_PASS_STEP_PAGES = 512
 MIN_SENT_RUN_PAGES = 16
 # Steps checked ahead while waiting for a turn at the file (Turns).
 MAX_WAITING_STEPS = 8
-# A one-pass save reads each step of a block's pages from the block's file
-# into one of this many buffers of its channel, checks it for zeros there
-# and writes it from there (Channel._copied_save): the steps checked ahead
-# (while waiting for a turn, or by the look-ahead thread) have a buffer each.
-COPY_BUFFERS = 4
 # With the hash tracker, windows of 4 MiB: each is copied to private
 # memory, and hashing dwarfs the per-window numpy calls anyway.
 HASH_WINDOW_PAGES = 2 * CHUNK_PAGES
@@ -510,22 +504,6 @@ def _store_zero(words: np.ndarray, pages: np.ndarray) -> None:
     words[pages, 0] = 0
 
 
-def _step_buffers(count: int) -> np.ndarray:
-    """``count`` buffers of a step of pages (LAST_PASS_STEP_PAGES), private
-    and page-aligned: the pages copied into them leave this process only
-    as writes into the image."""
-    memory = mmap.mmap(-1, count * LAST_PASS_STEP_PAGES * PAGE_SIZE)
-    return np.frombuffer(memory, np.uint64).reshape(count, LAST_PASS_STEP_PAGES,
-                                                     _WORDS_PER_PAGE)
-
-
-def _cut_short(fd: int, source) -> OSError:
-    """The error of a block whose file ends before its pages do."""
-    return OSError(errno.EFAULT, f"the block's file was cut short under the save "
-                   f"({os.fstat(fd).st_size} bytes, its pages need "
-                   f"{source.offset + source.length})", source.path)
-
-
 def _pread(fd: int, buffer: memoryview, offset: int) -> int:
     return os.preadv(fd, [buffer], offset)
 
@@ -551,14 +529,6 @@ class Channel:
         self.can_remove = True
         self.can_send = True
         self.can_probe_cache = True
-        # A one-pass save copies each step of pages from the blocks' files
-        # (_copied_save): where every block has a file (a private block
-        # has none) whose memory is in 4 KiB pages, and no tracker needs
-        # the mapping.  Memory in huge pages maps with an entry per huge
-        # page, cheaply: a tmpfs of transparent huge pages saved guest-like
-        # 1 GiB at 2 channels in 161 ms mapped, 170 copied (dense 308, 347).
-        self.copying = (plan.copy_steps and not plan.control.hashing
-                        and all(block.fd >= 0 and not block.huge for block in self.blocks))
         self.probe = bytearray(PAGE_SIZE)  # in_page_cache's read
         self.can_drop = True
         self.last_pass = False
@@ -685,7 +655,9 @@ class Channel:
         size = status.st_size
         if size < high:
             # Beyond the end of the file is no hole: reading it is SIGBUS.
-            raise _cut_short(fd, source)
+            raise OSError(errno.EFAULT, f"the block's file was cut short under the save "
+                          f"({size} bytes, its pages need {source.offset + source.length})",
+                          source.path)
         if status.st_blocks * 512 >= status.st_size:
             # Every byte allocated: no holes to look for.  Cheap, and the
             # common case: SEEK_HOLE in a file without holes walks the whole
@@ -727,9 +699,6 @@ class Channel:
         # channel's windows come in ascending order, so each part of the
         # file is searched for holes once per pass.
         self._data_end: dict[int, int] = {}
-        if claim and self.copying:
-            self._copied_save(chunks)
-            return
         windows = (self._prepare(*window) for window in self._windows(chunks, claim))
         if self.lookahead is not None and self.hasher is None:
             # The zero check of the next window runs while this one's pages
@@ -742,143 +711,13 @@ class Channel:
             self._populate(work.block, work.first, *work.dirty_runs, write=False)
             if (self.hasher is None and not self.plan.direct_io
                     and few_long_runs(work.dirty_pages, work.dirty_runs)):
-                written, nbytes, calls = self._write_nonzero(
-                    work.dirty_runs, work.base,
-                    lambda start, end, _slot, words=work.words: words[start:end],
-                    MAX_WAITING_STEPS, self.turns)
+                written, nbytes, calls = self._write_nonzero(work.words, work.dirty_runs,
+                                                             work.base)
             else:
                 written = work.dirty_pages[nonzero_pages(work.words, work.dirty_pages,
                                                          work.dirty_runs)]
                 nbytes, calls = self._write_found(work, written)
             self._account(work, written, nbytes, calls)
-
-    def _copied_save(self, chunks: np.ndarray) -> None:
-        """A one-pass save's channel (plan.copy_steps): it claims shards,
-        and copies each step of their pages from the block's file into a
-        buffer of its own, checks it for zeros there and writes the
-        non-zero pages from there.
-
-        Why a copy: a channel's mapping of a block starts empty, and a
-        one-pass save would map every page once, only to unmap it (the
-        kernel builds and tears down a page table entry per 4 KiB page;
-        MADV_POPULATE_READ alone took 82-115 ms a GiB here, about as long
-        as writing a guest-like image's data).  A pread of 2 MiB into a
-        buffer costs less than mapping it, and the zero check and the
-        pwrite then read the buffer from the core's cache: one thread
-        checking and writing a whole 1 GiB, mapped 217-233 ms, copied
-        164-167 ms (guest-like); dense 331-394 against 242-254 ms, random
-        half-zero 597-618 against 521-587 ms.  Passes that come back to
-        the same pages (a live save, a checkpoint) keep mapping them: their
-        mappings stay warm from one pass to the next.
-
-        A step whose turn at the file cannot be had at once waits in its
-        buffer while the next ones are checked.  With a look-ahead thread,
-        that thread copies and checks the steps (_check_copies) and this
-        one writes them, in order (_write_copies).  (Both threads copying
-        and writing, taking turns, saved a lone channel's guest-like 1 GiB
-        faster, 181 against 190 ms, but its random half-zero one slower,
-        650 against 581 ms mapped, its writer presumably waiting for the
-        interpreter's lock behind the other thread's checks.)"""
-        buffers = _step_buffers(COPY_BUFFERS)
-        if self.lookahead is None:
-            for window in self._windows(chunks, True):
-                work = self._prepare(*window)
-                written, nbytes, calls = self._write_nonzero(
-                    work.dirty_runs, work.base, self._step_reader(work, buffers),
-                    COPY_BUFFERS, self.turns)
-                self._account(work, written, nbytes, calls, mapped=False)
-            return
-        free: queue.SimpleQueue = queue.SimpleQueue()   # buffers to copy into
-        ready: queue.SimpleQueue = queue.SimpleQueue()  # steps to write, windows done
-        for slot in range(COPY_BUFFERS):
-            free.put(slot)
-        cancel = threading.Event()
-        checker = self.lookahead.submit(self._check_copies, chunks, buffers, free, ready,
-                                        cancel)
-        try:
-            self._write_copies(free, ready)
-        except BaseException:
-            cancel.set()
-            for _ in range(COPY_BUFFERS):
-                free.put(None)  # a checker waiting for a buffer: stop
-            raise
-        finally:
-            futures.wait([checker])  # it reads memory: let it end first
-        checker.result()
-
-    def _check_copies(self, chunks: np.ndarray, buffers: np.ndarray, free: queue.SimpleQueue,
-                      ready: queue.SimpleQueue, cancel: threading.Event) -> None:
-        """The look-ahead thread's part of a copied save: each step of the
-        shards it claims read into a free buffer and checked; those with
-        non-zero pages handed on to be written, and after a window's
-        steps, the window and its pages found non-zero (None: the end)."""
-        try:
-            for window in self._windows(chunks, True):
-                work = self._prepare(*window)
-                step_rows = self._step_reader(work, buffers)
-                found = []
-                for run_start, run_end in zip(*(runs.tolist() for runs in work.dirty_runs)):
-                    for start in range(run_start, run_end, self.step_pages):
-                        slot = free.get()
-                        if slot is None or cancel.is_set():
-                            return
-                        rows = step_rows(start, min(start + self.step_pages, run_end), slot)
-                        pages = np.flatnonzero(step_nonzero(rows))
-                        if not pages.size:
-                            free.put(slot)
-                            continue
-                        starts, ends = page_runs(pages)
-                        found.append(start + pages)
-                        ready.put((slot, rows, starts.tolist(), ends.tolist(),
-                                   work.base + start * PAGE_SIZE))
-                ready.put((None, work, found))
-        finally:
-            ready.put(None)
-
-    def _write_copies(self, free: queue.SimpleQueue, ready: queue.SimpleQueue) -> None:
-        """This thread's part of a copied save with a look-ahead thread:
-        write the steps it hands on (in turn with other channels where
-        they take turns), and account for each window once written."""
-        nbytes = calls = 0
-        while (item := ready.get()) is not None:
-            if item[0] is None:  # a window's steps are all written
-                _, work, found = item
-                written = np.concatenate(found) if found else np.zeros(0, np.int64)
-                self._account(work, written, nbytes, calls, mapped=False)
-                nbytes = calls = 0
-                continue
-            slot, rows, starts, ends, base = item
-            if self.turns is not None:
-                self.turns.take(wait=True)
-            try:
-                nbytes += self._spans_io(os.pwrite, "writing", rows, starts, ends, base)
-            finally:
-                if self.turns is not None:
-                    self.turns.give()
-            calls += len(starts)
-            free.put(slot)
-
-    def _step_reader(self, work: SaveWindow, buffers: np.ndarray):
-        """``step_rows(start, end, slot)`` for a window of a copied save:
-        pages [start, end) of the window read into buffer ``slot``."""
-        mapped = self.blocks[work.block]
-        offset = mapped.source.offset + work.first * PAGE_SIZE
-
-        def step_rows(start: int, end: int, slot: int) -> np.ndarray:
-            return self._read_step(mapped, buffers[slot, :end - start],
-                                   offset + start * PAGE_SIZE)
-        return step_rows
-
-    def _read_step(self, mapped: BlockMapping, rows: np.ndarray, offset: int) -> np.ndarray:
-        """Fill ``rows`` from the block's file at ``offset``; returns them."""
-        view = memoryview(rows).cast("B")
-        done = os.preadv(mapped.fd, [view], offset)
-        while done < len(view):
-            more = os.preadv(mapped.fd, [view[done:]], offset + done)
-            if more == 0:
-                raise _cut_short(mapped.fd, mapped.source)
-            done += more
-        return rows
 
     def _one_window_ahead(self, windows, start, then) -> None:
         """``start(window)`` hands the look-ahead thread a window's work
@@ -951,11 +790,7 @@ class Channel:
                                 ends.tolist(), work.base)
         return nbytes, starts.size
 
-    def _account(self, work: SaveWindow, written: np.ndarray, nbytes: int, calls: int,
-                 mapped: bool = True) -> None:
-        """Set a window's bits and counters; ``mapped``: its pages were
-        read through the channel's mapping (else copied: nothing to let
-        go of)."""
+    def _account(self, work: SaveWindow, written: np.ndarray, nbytes: int, calls: int) -> None:
         block, first, end = work.block, work.first, work.end
         # Only this channel writes these chunks' bits (control.py), so its
         # bits here are the latest: written pages set, dirty pages found
@@ -971,7 +806,7 @@ class Channel:
         row[PAGES_DONE] += work.all_dirty.size + work.unchanged
         row[SHARDS_DONE] += 1
         row[BUSY_NS] += time.perf_counter_ns() - work.started_ns
-        if self.last_pass and mapped:
+        if self.last_pass:
             self._let_go(block, first, end, work.dirty.count())
 
     def _let_go(self, block: int, first: int, end: int, own: int) -> None:
@@ -1009,52 +844,49 @@ class Channel:
         except OSError:
             self.can_drop = False
 
-    def _write_nonzero(self, runs: tuple[np.ndarray, np.ndarray], base: int,
-                       step_rows, max_waiting: int, turns) -> tuple[np.ndarray, int, int]:
+    def _write_nonzero(self, words: np.ndarray, runs: tuple[np.ndarray, np.ndarray],
+                       base: int) -> tuple[np.ndarray, int, int]:
         """Zero detection and write in one step (of step_pages) of each of a
-        few long runs of a window: the pwrite copies pages the check just
-        brought into the core's cache, instead of reading the window from
-        memory a second time.  ``step_rows(start, end, slot)`` gives the
-        rows of pages [start, end) of the window (a slice of the mapping,
-        or the copy in buffer ``slot``).  Where channels take ``turns`` at
-        the file, a step whose turn cannot be had at once waits (up to
-        ``max_waiting`` of them) while the next steps are checked.  Returns
-        the pages written, the bytes and the calls."""
+        few long runs: the pwrite copies pages the check just brought into
+        the core's cache, instead of reading the window from memory a second
+        time.  Where channels take turns at the file, a step whose turn
+        cannot be had at once waits (up to MAX_WAITING_STEPS) while the next
+        steps are checked.  Returns the pages written, the bytes and the
+        calls."""
         step = self.step_pages
         found = []
-        waiting: list[tuple[np.ndarray, list[int], list[int], int]] = []
+        waiting: list[tuple[list[int], list[int]]] = []
         nbytes = calls = 0
+        turns = self.turns
         for run_start, run_end in zip(runs[0].tolist(), runs[1].tolist()):
             for start in range(run_start, run_end, step):
                 end = min(start + step, run_end)
-                rows = step_rows(start, end, len(waiting))
-                pages = np.flatnonzero(step_nonzero(rows))
+                pages = start + np.flatnonzero(step_nonzero(words[start:end]))
                 if not pages.size:
                     continue
                 starts, ends = page_runs(pages)
-                found.append(start + pages)
+                found.append(pages)
                 calls += starts.size
-                waiting.append((rows, starts.tolist(), ends.tolist(), base + start * PAGE_SIZE))
-                if turns is None or turns.take(wait=len(waiting) >= max_waiting):
-                    nbytes += self._write_waiting(waiting, turns)
+                waiting.append((starts.tolist(), ends.tolist()))
+                if turns is None or turns.take(wait=len(waiting) >= MAX_WAITING_STEPS):
+                    nbytes += self._write_waiting(words, waiting, base)
         if waiting:  # held back for a turn that was not to be had
             turns.take(wait=True)
-            nbytes += self._write_waiting(waiting, turns)
+            nbytes += self._write_waiting(words, waiting, base)
         written = np.concatenate(found) if found else np.zeros(0, np.int64)
         return written, nbytes, calls
 
-    def _write_waiting(self, waiting: list[tuple[np.ndarray, list[int], list[int], int]],
-                       turns) -> int:
-        """Write the steps held back (runs of pages of each step's rows),
-        in this channel's turn where channels take turns; the turn ends
-        even if a write fails."""
+    def _write_waiting(self, words: np.ndarray, waiting: list[tuple[list[int], list[int]]],
+                       base: int) -> int:
+        """Write the steps held back (runs of pages), in this channel's turn
+        where channels take turns; the turn ends even if a write fails."""
         try:
-            return sum(self._spans_io(os.pwrite, "writing", rows, starts, ends, base)
-                       for rows, starts, ends, base in waiting)
+            return sum(self._spans_io(os.pwrite, "writing", words, starts, ends, base)
+                       for starts, ends in waiting)
         finally:
             waiting.clear()
-            if turns is not None:
-                turns.give()
+            if self.turns is not None:
+                self.turns.give()
 
     def _changed_pages(self, block: int, first: int, words: np.ndarray, dirty_pages: np.ndarray,
                        dirty_runs: tuple[np.ndarray, np.ndarray]
