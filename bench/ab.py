@@ -27,6 +27,7 @@ from pathlib import Path
 import parallel_save as ps
 from parallel_save.channels import QUIET_BLAS
 
+from .probe import BLOCK
 from .workload import LAYOUTS, SHM_DIR, BenchError, build, parse_size, remove, size_text
 
 OPERATIONS = ("save", "restore")
@@ -102,9 +103,9 @@ def measure(args: argparse.Namespace) -> dict[str, list[float]]:
     workload = build(args.size, 0.5, args.workdir, seed=args.seed, layout=args.layout,
                      memory_dir=args.memory_dir)
     try:
-        source = workload.output("source")
+        source = workload.output("source")  # a restore's, saved once
         if args.op == "restore":
-            with ps.RamBlock.from_file("ram0", workload.image, length=workload.size,
+            with ps.RamBlock.from_file(BLOCK, workload.image, length=workload.size,
                                        writable=False) as block:
                 ps.save(source, [block], channels=args.channels)
         seconds: dict[str, list[float]] = {"A": [], "B": []}
