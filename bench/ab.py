@@ -17,16 +17,14 @@ process's parallel-save.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import parallel_save as ps
-from parallel_save.channels import QUIET_BLAS
 
+from .contenders import probe_environment, run_probe
 from .probe import BLOCK
 from .workload import LAYOUTS, SHM_DIR, BenchError, build, parse_size, remove, size_text
 
@@ -69,30 +67,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _environment(checkout: Path) -> dict[str, str]:
-    return {**os.environ, **QUIET_BLAS, "PYTHONPATH": str(checkout.resolve())}
-
-
 def _check_imports(checkout: Path) -> None:
     """Refuse a checkout whose probe would import another parallel-save
     (an installed one shadowing it)."""
     found = subprocess.run(
         [sys.executable, "-c", "import parallel_save; print(parallel_save.__file__)"],
-        check=False, cwd=checkout, env=_environment(checkout), capture_output=True, text=True)
+        check=False, cwd=checkout, env=probe_environment(checkout), capture_output=True, text=True)
     where = Path(found.stdout.strip()).resolve() if found.returncode == 0 else None
     if where is None or checkout.resolve() not in where.parents:
         raise BenchError(f"{checkout}: its parallel_save is not the one imported there "
                          f"({where or found.stderr.strip()[-500:]})")
-
-
-def _run(checkout: Path, spec: dict) -> float:
-    done = subprocess.run([sys.executable, "-m", "bench.probe", json.dumps(spec)],
-                          check=False, cwd=checkout, env=_environment(checkout),
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise BenchError(f"{checkout}: probe {spec['op']} exited with status "
-                         f"{done.returncode}: {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.splitlines()[-1])["seconds"]
 
 
 def measure(args: argparse.Namespace) -> dict[str, list[float]]:
@@ -123,7 +107,7 @@ def measure(args: argparse.Namespace) -> dict[str, list[float]]:
                             "destination": str(out), "size": workload.size,
                             "channels": args.channels, "direct_io": False}
                 try:
-                    seconds[label].append(_run(checkout, spec))
+                    seconds[label].append(run_probe(spec, checkout=checkout)["seconds"])
                 finally:
                     remove(out)
         return seconds

@@ -104,9 +104,19 @@ def pass_name(fraction: float) -> str:
 # --- runners ---------------------------------------------------------------
 
 
-def _probe(spec: dict[str, Any], sample_memory: bool = False) -> Measurement:
-    """Run bench/probe.py on ``spec``; with ``sample_memory``, sample the
-    memory of its process tree while it runs.  A sampled run is not a
+def probe_environment(checkout: Path | None = None) -> dict[str, str]:
+    """The environment a probe runs in: no BLAS threads (see run_probe), and
+    with ``checkout`` that checkout alone on the import path."""
+    extra = {"PYTHONPATH": str(checkout.resolve())} if checkout is not None else {}
+    return {**os.environ, **QUIET_BLAS, **extra}
+
+
+def run_probe(spec: dict[str, Any], sample_memory: bool = False,
+           checkout: Path | None = None) -> Measurement:
+    """Run bench/probe.py on ``spec`` (that of ``checkout``, run there and
+    importing its own parallel-save, where one is given: bench/ab.py);
+    with ``sample_memory``, sample the memory of its process tree while it
+    runs.  A sampled run is not a
     timed one: the sampler reads /proc of every process of the tree every
     20 ms, which slowed an 8-channel save by 15 % (0.544 -> 0.631 s) and
     would load process-based contenders more than QEMU's threads.
@@ -117,15 +127,16 @@ def _probe(spec: dict[str, Any], sample_memory: bool = False) -> Measurement:
     the timed call, which a long-running caller never sees."""
     process = subprocess.Popen([sys.executable, "-m", "bench.probe", json.dumps(spec)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **QUIET_BLAS})
+                               cwd=checkout, env=probe_environment(checkout))
     if sample_memory:
         with PeakRssAnon(process.pid) as peak:
             out, err = process.communicate()
     else:
         out, err = process.communicate()
     if process.returncode != 0:
-        raise BenchError(f"probe {spec['op']} exited with status {process.returncode}: "
-                         f"{err.strip()[-2000:]}")
+        where = f"{checkout}: " if checkout is not None else ""
+        raise BenchError(f"{where}probe {spec['op']} exited with status "
+                         f"{process.returncode}: {err.strip()[-2000:]}")
     result: Measurement = json.loads(out.splitlines()[-1])
     if sample_memory:
         result.update(peak_rss_anon=peak.bytes, peak_processes=peak.processes,
@@ -174,11 +185,11 @@ def run_ps_save(ctx: RunContext, *, name: str, channels: int, direct_io: bool,
             _old_image(ctx, out)
         spec = {"op": "save", "image": str(ctx.workload.image), "size": ctx.workload.size,
                 "out": str(out), "channels": channels, "direct_io": direct_io, "sync": sync}
-        result = _probe(spec)
+        result = run_probe(spec)
         if ctx.round == 0 and not over:
             # Memory: from one more, untimed, run of the same save.
             remove(out)
-            sampled = _probe(spec, sample_memory=True)
+            sampled = run_probe(spec, sample_memory=True)
             result.update({field: sampled[field] for field in _MEMORY_FIELDS})
         return {name: result}
     finally:
@@ -188,7 +199,7 @@ def run_ps_save(ctx: RunContext, *, name: str, channels: int, direct_io: bool,
 def run_ps_passes(ctx: RunContext, *, channels: int) -> dict[str, Measurement]:
     out = ctx.workload.output("ps-pass")
     try:
-        result = _probe({"op": "passes", "image": str(ctx.workload.image),
+        result = run_probe({"op": "passes", "image": str(ctx.workload.image),
                          "size": ctx.workload.size, "out": str(out), "channels": channels,
                          "direct_io": False, "sync": False,
                          "fractions": list(ctx.fractions), "seed": ctx.round})
@@ -201,7 +212,7 @@ def run_ps_passes(ctx: RunContext, *, channels: int) -> dict[str, Measurement]:
 
 def run_write_floor(ctx: RunContext, *, name: str, sync: bool) -> dict[str, Measurement]:
     out = ctx.workload.output("floor")  # the probe writes an unnamed file beside it
-    return {name: _probe({"op": "write_floor", "image": str(ctx.workload.image),
+    return {name: run_probe({"op": "write_floor", "image": str(ctx.workload.image),
                           "size": ctx.workload.size, "out": str(out), "sync": sync})}
 
 
@@ -209,7 +220,7 @@ def run_ps_restore(ctx: RunContext, *, name: str, channels: int,
                    direct_io: bool) -> dict[str, Measurement]:
     destination = ctx.workload.destination()
     try:
-        result = _probe({"op": "restore", "source": str(ctx.restore_source),
+        result = run_probe({"op": "restore", "source": str(ctx.restore_source),
                          "destination": str(destination), "size": ctx.workload.size,
                          "channels": channels, "direct_io": direct_io})
         return {name: _restored(ctx, destination, result)}
@@ -220,7 +231,7 @@ def run_ps_restore(ctx: RunContext, *, name: str, channels: int,
 def run_read_floor(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
     destination = ctx.workload.destination()
     try:
-        result = _probe({"op": "read_floor", "source": str(ctx.restore_source),
+        result = run_probe({"op": "read_floor", "source": str(ctx.restore_source),
                          "destination": str(destination), "size": ctx.workload.size})
         return {name: _restored(ctx, destination, result)}
     finally:
@@ -230,21 +241,21 @@ def run_read_floor(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
 def run_allocation_floor(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
     destination = ctx.workload.destination()
     try:
-        return {name: _probe({"op": "allocation_floor", "source": str(ctx.restore_source),
+        return {name: run_probe({"op": "allocation_floor", "source": str(ctx.restore_source),
                               "destination": str(destination), "size": ctx.workload.size})}
     finally:
         destination.unlink(missing_ok=True)
 
 
 def run_memcpy(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
-    return {name: _probe({"op": "memcpy", "source": str(ctx.workload.image),
+    return {name: run_probe({"op": "memcpy", "source": str(ctx.workload.image),
                           "bytes": ctx.workload.nonzero_bytes})}
 
 
 def run_tofile(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
     out = ctx.workload.output("numpy")
     try:
-        return {name: _probe({"op": "tofile", "image": str(ctx.workload.image),
+        return {name: run_probe({"op": "tofile", "image": str(ctx.workload.image),
                               "size": ctx.workload.size, "out": str(out)})}
     finally:
         remove(out)
