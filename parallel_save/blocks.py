@@ -247,12 +247,14 @@ class BlockMapping:
     """A block's bytes mapped in this process (a channel), without copying,
     and the descriptor of its file (for finding its holes); a private
     block's bytes where a forked channel inherited them (no file: ``fd``
-    and ``mapping`` are None)."""
+    and ``mapping`` are None).  ``page_bytes``: the size of the pages its
+    memory is made of (a hugetlbfs file's huge pages, else 4 KiB)."""
 
     def __init__(self, source: BlockSource, writable: bool) -> None:
         self.source = source
         if not source.path:
             self.fd, self.mapping, self.skip = -1, None, 0
+            self.page_bytes = PAGE_SIZE
             self.array = np.ctypeslib.as_array(
                 (ctypes.c_uint8 * source.length).from_address(source.offset))
             return
@@ -263,6 +265,7 @@ class BlockMapping:
             # may begin or end inside one (a buffer carved out of a larger
             # mapping).  Elsewhere whole pages will do.
             unit = max(mmap.ALLOCATIONGRANULARITY, os.fstatvfs(self.fd).f_bsize)
+            self.page_bytes = unit
             start = source.offset - source.offset % unit
             self.skip = source.offset - start
             length = source.length + self.skip

@@ -124,6 +124,50 @@ def test_a_block_in_huge_pages_saves_and_restores_exactly(huge_memory, tmp_path)
     destination.close()
 
 
+def _long_runs(seed: int) -> tuple[np.ndarray, int]:
+    """BLOCK_BYTES of pages in runs of data and of zero pages, 1 to 600
+    pages long, as a guest's memory is laid out."""
+    rng = np.random.default_rng(seed)
+    pages = rng.integers(1, 256, (BLOCK_BYTES // PAGE, PAGE), dtype=np.uint8)
+    at, data = 0, True
+    while at < len(pages):
+        length = int(rng.integers(1, 600))
+        if not data:
+            pages[at:at + length] = 0
+        at, data = at + length, not data
+    return pages, int(pages.any(axis=1).sum())
+
+
+@pytest.mark.parametrize("destination_bytes", [0x00, 0xA5], ids=["zero", "other-bytes"])
+def test_a_lone_channel_restores_long_runs_into_huge_pages_on_both_threads(
+        huge_memory, tmp_path, monkeypatch, destination_bytes):
+    """One channel with its look-ahead thread (pinned: it has one wherever
+    there are more CPUs than channels) reads a window of long runs into a
+    hugetlbfs a step at a time, its own thread from the front and the
+    look-ahead thread from the back (into a tmpfs of huge pages the steps
+    go by sendfile): every present page lands exactly once at its place,
+    and every other page is zero, whether the destination was zero (the
+    restore told so) or held other bytes."""
+    monkeypatch.setenv("PARALLEL_SAVE_LOOKAHEAD", "1")
+    _, mount_point = huge_memory
+    pages, nonzero = _long_runs(seed=11)
+    source, source_array = _memory_file(mount_point / "source.ram", pages)
+    image = tmp_path / "runs.img"
+    with ps.RamBlock.from_file("pc.ram", mount_point / "source.ram", writable=False) as block:
+        assert ps.save(image, [block], channels=1).pages_written == nonzero
+
+    destination, destination_array = _memory_file(
+        mount_point / "destination.ram", np.full(pages.shape, destination_bytes, np.uint8))
+    with ps.RamBlock.from_file("pc.ram", mount_point / "destination.ram") as block:
+        restored = ps.restore(image, [block], channels=1,
+                              assume_zero=destination_bytes == 0)
+    assert restored.pages_read == nonzero
+    assert np.array_equal(destination_array, source_array)
+    del source_array, destination_array
+    source.close()
+    destination.close()
+
+
 def test_a_live_save_of_huge_page_memory_clears_pages_zeroed_after_a_pass(huge_memory,
                                                                           tmp_path):
     """A page written by the first pass and zeroed before the last is not

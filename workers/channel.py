@@ -454,7 +454,7 @@ class RestoreWindow:
     clear_ends: np.ndarray
     own_pages: int
     present: np.ndarray        # numbers of the pages present (in the window)
-    send: bool                 # its long runs go into the destination's file (_read_or_send)
+    stepped: bool              # worked a step at a time (_read_or_send): sent, or shared
     pieces: list[np.ndarray] = field(default_factory=list)  # see Channel._map_ahead
 
 
@@ -956,7 +956,7 @@ class Channel:
                    for window in self._windows(chunks, claim))
         if self.lookahead is None:
             for work in windows:
-                if zero_clear and not work.send:
+                if zero_clear and not work.stepped:
                     self._ready_restore(work)
                 else:
                     # Into a destination known to be zero, pread faults the
@@ -966,17 +966,18 @@ class Channel:
                     self._read_ahead(work)
                 self._read_window(work, zero_clear)
             return
-        # With a look-ahead thread, a window of long runs is sent while
-        # the thread reads its last steps (_read_or_send); for other
-        # windows, the thread readies the next one while this one is read.
+        # With a look-ahead thread, a stepped window (of long runs, or into
+        # memory in huge pages) is sent or read a step at a time while the
+        # thread reads its last steps (_read_or_send); for other windows,
+        # the thread readies the next one while this one is read.
         if zero_clear:
             # A destination that may hold anything: the look-ahead thread
             # populates the next window's runs while this one is read.
             self._one_window_ahead(
                 windows,
-                lambda work: [] if work.send else [
+                lambda work: self._advise_stepped(work) if work.stepped else [
                     self.lookahead.submit(self._ready_restore, work)],
-                lambda work, ahead: (self._read_window(work, True) if work.send
+                lambda work, ahead: (self._read_window(work, True) if work.stepped
                                      else self._read_populated(work, ahead)))
             return
         # Into a destination known to be zero, the next window's present
@@ -984,8 +985,8 @@ class Channel:
         # restore) by the look-ahead thread while this one reads the window
         # before, and by both where this thread is done first.
         self._one_window_ahead(
-            windows, lambda work: [] if work.send else self._map_ahead(work),
-            lambda work, ahead: (self._read_window(work, False) if work.send
+            windows, lambda work: self._advise_stepped(work) if work.stepped else self._map_ahead(work),
+            lambda work, ahead: (self._read_window(work, False) if work.stepped
                                  else self._read_mapped(work, ahead)))
 
     def _prepare_restore(self, block: int, first: int, end: int, own: np.ndarray
@@ -994,12 +995,21 @@ class Channel:
         present = bits.set_pages()
         starts, ends = split_spans(*page_runs(present))
         clear_starts, clear_ends = page_runs(bits.clear_pages())
-        send = (self.sending and self.can_send and self.blocks[block].fd >= 0
-                and starts.size * MIN_SENT_RUN_PAGES <= int((ends - starts).sum()))
+        mapped = self.blocks[block]
+        long_runs = starts.size * MIN_SENT_RUN_PAGES <= int((ends - starts).sum())
+        send = self.sending and self.can_send and mapped.fd >= 0 and long_runs
+        # Into memory in huge pages, mapping the next window (allocating and
+        # clearing its pages) while reading this one only has the two
+        # threads compete for the memory's bandwidth: 1 GiB into a
+        # hugetlbfs took 107 ms so, 91 ms by one thread faulting the pages
+        # as it reads, 66-77 ms by two threads reading half each.  So a lone
+        # channel's two threads share the reading of a window of long runs
+        # (of short ones, the loop over them holds the interpreter's lock).
+        shared = self.lookahead is not None and mapped.page_bytes > PAGE_SIZE and long_runs
         return RestoreWindow(block, first, self.words[block][first:end],
                              self.plan.pages_offsets[block] + first * PAGE_SIZE,
                              starts, ends, clear_starts, clear_ends,
-                             bits.count(), present, send)
+                             bits.count(), present, send or shared)
 
     def _ready_restore(self, work: RestoreWindow) -> None:
         """Map the pages that get bytes, one system call per run (a
@@ -1007,6 +1017,13 @@ class Channel:
         after the read), and start reading the window's span."""
         self._populate(work.block, work.first, work.starts, work.ends, write=True)
         self._read_ahead(work)
+
+    def _advise_stepped(self, work: RestoreWindow) -> list[futures.Future]:
+        """A stepped window's start, a window ahead: only the readahead of
+        its span, which the look-ahead thread, reading its steps from the
+        end back, would not get from the kernel's own."""
+        self._read_ahead(work)
+        return []
 
     def _map_ahead(self, work: RestoreWindow) -> list[futures.Future]:
         """Hand the look-ahead thread the mapping of a window's present
@@ -1053,7 +1070,7 @@ class Channel:
 
     def _read_window(self, work: RestoreWindow, zero_clear: bool) -> None:
         started = time.perf_counter_ns()
-        if work.send:
+        if work.stepped:
             sent = self._read_or_send(work)
         else:
             self._spans_io(_pread, "reading", work.words, work.starts.tolist(),
