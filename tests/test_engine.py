@@ -130,6 +130,8 @@ def test_only_a_few_long_runs_are_sliced(pages, sliced):
     (16 * CHUNK_PAGES, [0, 5, 6, 15]),      # a whole window; two own chunks side by side
     (16 * CHUNK_PAGES, list(range(16))),    # one channel: every chunk its own
     (3 * CHUNK_PAGES + 300, [1, 3]),        # a block's last window, ending inside a chunk
+    (16 * CHUNK_PAGES, [4, 5, 6]),          # own chunks side by side, from inside the window
+    (3 * CHUNK_PAGES + 300, [2, 3]),        # ... to the end of a short last chunk
     (300, [0]),                             # a block smaller than a chunk
     (8 * CHUNK_PAGES, []),
 ])
@@ -147,6 +149,10 @@ def test_a_channel_works_on_the_bits_of_its_own_chunks_only(pages, own):
     window = np.unpackbits(bits, count=pages, bitorder="little").view(bool)
     owned = OwnBits(bits, own, pages)
     assert owned.set_pages().tolist() == np.flatnonzero(window & mask).tolist()
+    starts, ends = owned.set_runs()
+    expected_starts, expected_ends = page_runs(np.flatnonzero(window & mask))
+    assert (starts.tolist(), ends.tolist()) == (expected_starts.tolist(),
+                                                expected_ends.tolist())
     assert owned.clear_pages().tolist() == np.flatnonzero(~window & mask).tolist()
     assert owned.count() == int(mask.sum())
 
