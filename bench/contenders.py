@@ -228,11 +228,16 @@ def run_ps_restore(ctx: RunContext, *, name: str, channels: int,
         destination.unlink(missing_ok=True)
 
 
-def run_read_floor(ctx: RunContext, *, name: str) -> dict[str, Measurement]:
+def run_read_floor(ctx: RunContext, *, name: str, readers: int = 1) -> dict[str, Measurement]:
     destination = ctx.workload.destination()
     try:
         result = run_probe({"op": "read_floor", "source": str(ctx.restore_source),
-                         "destination": str(destination), "size": ctx.workload.size})
+                            "destination": str(destination), "size": ctx.workload.size,
+                            "readers": readers})
+        if "takes_sendfile" in result:
+            # Into memory that takes no sendfile (a hugetlbfs), nothing
+            # fills the pages faster than the CPUs preading into them.
+            result["bounds"] = not result["takes_sendfile"]
         return {name: _restored(ctx, destination, result)}
     finally:
         destination.unlink(missing_ok=True)
@@ -335,6 +340,7 @@ def _dd(*operands: str) -> Measurement:
 
 WRITE_FLOOR = "one writer"
 READ_FLOOR = "one reader"
+READERS_FLOOR = "reader per CPU"
 ALLOCATION_FLOOR = "allocate pages"
 MEMORY_FLOOR = "memcpy"
 
@@ -404,6 +410,9 @@ def _floors(regime: str) -> list[Contender]:
 def _restore_floors(regime: str) -> list[Contender]:
     return [Contender(READ_FLOOR, "restore", regime, None, functools.partial(
                 run_read_floor, name=READ_FLOOR), None, "dd read", core=True),
+            Contender(READERS_FLOOR, "restore", regime, None, functools.partial(
+                run_read_floor, name=READERS_FLOOR, readers=len(os.sched_getaffinity(0))),
+                None, READ_FLOOR, core=True),
             Contender("dd read", "restore", regime, None, functools.partial(
                 run_dd_read, name="dd read"), None, None, core=True),
             Contender(ALLOCATION_FLOOR, "restore", regime, None, functools.partial(

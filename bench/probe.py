@@ -10,7 +10,8 @@ incremental passes, or one of the floors they are held to:
   as one 1 GiB run waited for large folios: the "floor" ran slower than a
   save);
 - ``read_floor``: the same runs pread from the restore source into a
-  fresh all-zero shared-memory destination;
+  fresh all-zero shared-memory destination, by one thread, or by one per
+  CPU, each its share of the pages;
 - ``allocation_floor``: a process per CPU storing a zero into its share of
   the restore source's present pages of a fresh shared-memory destination:
   what any restore pays to have those pages at all, before a byte is
@@ -32,11 +33,13 @@ JSON line on stdout.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -177,23 +180,75 @@ def _present_runs(source: str) -> tuple[int, list[int], list[int]]:
             np.flatnonzero(edges == -1).tolist())
 
 
+def _shares(starts: list[int], ends: list[int], count: int) -> list[list[tuple[int, int]]]:
+    """The runs [start, end) cut into ``count`` shares of as near equal
+    pages as whole pages allow, in order: a run is cut only where a share
+    ends."""
+    total = sum(ends) - sum(starts)
+    shares: list[list[tuple[int, int]]] = [[] for _ in range(count)]
+    done = 0
+    for start, end in zip(starts, ends):
+        while start < end:
+            share = done * count // total  # the share of page number ``done``
+            share_end = -(-(share + 1) * total // count)
+            take = min(end - start, share_end - done)
+            shares[share].append((start, start + take))
+            start, done = start + take, done + take
+    return shares
+
+
+def _takes_sendfile(destination: str, source_fd: int, offset: int, first: int) -> bool:
+    """Whether the destination's file system takes sendfile (a tmpfs does,
+    a hugetlbfs does not): tried with the present page ``first``, sent to
+    its own place, which the floor then reads over with the same bytes."""
+    fd = os.open(destination, os.O_WRONLY)
+    try:
+        os.lseek(fd, first * PAGE_SIZE, os.SEEK_SET)
+        os.sendfile(fd, source_fd, offset + first * PAGE_SIZE, PAGE_SIZE)
+        return True
+    except OSError as error:
+        if error.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+            return False
+        raise
+    finally:
+        os.close(fd)
+
+
 def read_floor(spec: dict[str, Any]) -> dict[str, Any]:
+    """``readers`` threads (1 unless given), each preading its share of
+    the runs; with more than one, also whether the destination took
+    sendfile: where it does not, nothing can fill it faster than preads
+    into a mapping, and this floor bounds every restore into it."""
     offset, starts, ends = _present_runs(spec["source"])
+    readers = spec.get("readers", 1)
+    shares = _shares(starts, ends, readers) if starts else [[]]
     mapping = _map(spec["destination"], spec["size"], write=True)
     view = memoryview(mapping)
     fd = os.open(spec["source"], os.O_RDONLY)
-    try:
-        started = time.perf_counter()
-        for start, end in zip(starts, ends):
+    found: dict[str, Any] = {"pages_read": sum(ends) - sum(starts), "readers": readers}
+
+    def read(share: list[tuple[int, int]]) -> None:
+        for start, end in share:
             low, high = start * PAGE_SIZE, end * PAGE_SIZE
             if os.preadv(fd, [view[low:high]], offset + low) != high - low:
                 raise OSError(f"short read at {offset + low}")
-        seconds = time.perf_counter() - started
+
+    try:
+        if readers > 1 and starts:
+            found["takes_sendfile"] = _takes_sendfile(spec["destination"], fd, offset,
+                                                      starts[0])
+        started = time.perf_counter()
+        if readers == 1:
+            read(shares[0])
+        else:
+            with ThreadPoolExecutor(readers) as pool:
+                list(pool.map(read, shares))
+        found["seconds"] = time.perf_counter() - started
     finally:
         os.close(fd)
         view.release()
         mapping.close()
-    return {"seconds": seconds, "pages_read": sum(ends) - sum(starts)}
+    return found
 
 
 def allocation_floor(spec: dict[str, Any]) -> dict[str, Any]:

@@ -209,6 +209,25 @@ def mounted(mount_point: Path, fstype: str, options: str = ""):
             subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
+# The machine's pool of 2 MiB huge pages, which a hugetlbfs takes its pages from.
+HUGE_PAGE_POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+
+
+def need_huge_pages(count: int) -> None:
+    """Skip (fail where CI reserved them) unless the machine's pool of
+    2 MiB pages has ``count`` free."""
+    try:
+        free = int((HUGE_PAGE_POOL / "free_hugepages").read_text())
+    except FileNotFoundError:
+        free = 0
+    if free < count:
+        reason = (f"needs {count} free 2 MiB huge pages, the pool has {free} "
+                  f"(as root: echo 64 > /proc/sys/vm/nr_hugepages, as .ci/run does)")
+        if os.environ.get("PARALLEL_SAVE_REQUIRE_HUGE_PAGES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
 @pytest.fixture
 def ramfs(tmp_path):
     """A ramfs mount: a real file system that refuses O_DIRECT."""

@@ -4,20 +4,24 @@ table, JSON and PNG it must produce.  Nothing here asserts a speed."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import mounted
+from conftest import mounted, need_huge_pages
 
+import parallel_save as ps
+from bench import probe
 from bench.__main__ import main, parse_args
 from bench.ab import main as ab_main
 from bench.hostmemory import SteadyMemory, largest_order, reporting_state
 from bench.qemu import qemu_supports_mapped_ram
-from bench.report import MEMORY_TARGET, TARGETS
+from bench.report import MEMORY_TARGET, TARGETS, format_targets, target_rows
 from bench.workload import BenchError, build, memory_kind
 
 CHANNELS = 2
@@ -30,7 +34,8 @@ PS_CONTENDERS = {("warm", "save", "ps save"), ("durable", "save", "ps save"),
 FLOORS = {("warm", "save", "one writer"), ("warm", "save", "dd"), ("warm", "save", "memcpy"),
           ("durable", "save", "one writer"), ("durable", "save", "dd fdatasync"),
           ("durable", "save", "dd direct"), ("warm", "restore", "one reader"),
-          ("warm", "restore", "dd read"), ("warm", "restore", "allocate pages")}
+          ("warm", "restore", "reader per CPU"), ("warm", "restore", "dd read"),
+          ("warm", "restore", "allocate pages")}
 QEMU_CONTENDERS = {("warm", "save", "qemu multifd"), ("durable", "save", "qemu multifd"),
                    ("durable", "save", "qemu multifd direct"),
                    ("warm", "restore", "qemu load multifd")}
@@ -271,6 +276,82 @@ def test_the_allocation_floor_touches_exactly_the_present_pages(bench_run):
                for r in bench_run["document"]["runs"] if r["contender"] == "allocate pages"}
     assert touched == {label: (image["nonzero_pages"], len(os.sched_getaffinity(0)))
                        for label, image in images.items()}
+
+
+def test_the_reader_per_cpu_floor_reads_the_present_pages_a_share_per_cpu(bench_run):
+    """The restores' parallel floor: a thread per CPU, each preading its
+    share of the image's present pages; into /dev/shm, which takes
+    sendfile, it bounds no restore."""
+    images = bench_run["document"]["images"]
+    found = {r["workload"]: (r["pages_read"], r["readers"], r["takes_sendfile"], r["bounds"])
+             for r in bench_run["document"]["runs"] if r["contender"] == "reader per CPU"}
+    assert found == {label: (image["nonzero_pages"], len(os.sched_getaffinity(0)), True, False)
+                     for label, image in images.items()}
+
+
+@pytest.mark.parametrize("fstype", ["hugetlbfs", "tmpfs"])
+def test_the_reader_per_cpu_floor_says_whether_its_destination_takes_sendfile(
+        tmp_path, shm, fstype):
+    """Into a hugetlbfs, which takes no sendfile, nothing fills the pages
+    faster than the CPUs preading into them, and the floor says so (the
+    bench then holds every restore there to it); a tmpfs takes sendfile
+    (a restore sends its long runs, which no page fault can match).
+    Either way the floor reads exactly the image's bytes."""
+    size = 8 << 20
+    if fstype == "hugetlbfs":
+        need_huge_pages(size // (2 << 20))
+    image = tmp_path / "floor.img"
+    with shm.block(probe.BLOCK, size // 4096, fill=0.5, seed=7) as block:
+        ps.save(image, [block], channels=1)
+        expected = block.array.copy()
+    options = "pagesize=2M,size=16M" if fstype == "hugetlbfs" else "size=16M"
+    with mounted(tmp_path / fstype, fstype, options) as mount_point:
+        destination = mount_point / "destination.ram"
+        with open(destination, "wb") as file:
+            file.truncate(size)
+        found = probe.read_floor({"source": str(image), "destination": str(destination),
+                                  "size": size, "readers": 2})
+        # Through a mapping: a hugetlbfs file cannot be read otherwise.
+        with open(destination, "rb") as file, \
+                mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ) as mapping:
+            restored = np.frombuffer(mapping, np.uint8).copy()
+        destination.unlink()
+    assert (found["takes_sendfile"], found["readers"]) == (fstype == "tmpfs", 2)
+    assert found["pages_read"] == int(expected.reshape(-1, 4096).any(axis=1).sum())
+    assert np.array_equal(restored, expected)
+
+
+def _restore_round(round_: int, ours: float, qemu: float, floor: float,
+                   bounds: bool) -> list[dict]:
+    common = {"round": round_, "workload": "guest 1 GiB", "regime": "warm",
+              "side": "restore"}
+    return [{**common, "contender": "ps restore", "channels": 2, "seconds": ours},
+            {**common, "contender": "qemu load multifd", "channels": 2, "seconds": qemu},
+            {**common, "contender": "reader per CPU", "channels": None, "seconds": floor,
+             "bounds": bounds}]
+
+
+def test_a_target_below_a_floor_that_bounds_it_is_out_of_reach():
+    """restore / QEMU's load at most 0.8x: where the reader per CPU bounds
+    the restore and itself takes more than 0.8x QEMU's time, the MISS says
+    the target is out of reach, and by how much (medians over rounds)."""
+    records = (_restore_round(0, 0.090, 0.100, 0.085, True)
+               + _restore_round(1, 0.095, 0.100, 0.090, True)
+               + _restore_round(2, 0.099, 0.110, 0.099, True))
+    (row,) = [r for r in target_rows(records) if r["target"] == "restore / QEMU multifd load"]
+    assert (row["value"], row["bound"], row["bound_value"], row["out_of_reach"]) == (
+        pytest.approx(0.9), "reader per CPU", pytest.approx(0.9), True)
+    assert format_targets([row]).splitlines()[1] == (
+        "guest 1 GiB    restore / QEMU multifd load                  2     0.900x  "
+        "MISS, out of reach: the reader per CPU floor takes 0.900x (target: ratio <= 0.8x)")
+
+
+def test_a_floor_that_does_not_bound_a_target_says_nothing_of_its_reach():
+    records = _restore_round(0, 0.090, 0.100, 0.085, False)
+    (row,) = [r for r in target_rows(records) if r["target"] == "restore / QEMU multifd load"]
+    assert "out_of_reach" not in row
+    assert format_targets([row]).splitlines()[1].endswith(
+        "0.900x  MISS (target: ratio <= 0.8x)")
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import channel_processes, mounted
+from conftest import channel_processes, mounted, need_huge_pages
 from qemu_support import load_into_qemu, plant_edge_pages, require_mapped_ram_qemu
 
 import parallel_save as ps
@@ -32,29 +32,13 @@ HUGE_PAGE = 2 << 20
 BLOCK_BYTES = 16 << 20
 # A test holds at most a source and a destination, and two run at once.
 MOUNT_BYTES = 2 * BLOCK_BYTES
-POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
-
-
-def _need_huge_pages(count: int) -> None:
-    """Skip (fail where CI reserved them) unless the machine's pool of
-    2 MiB pages has ``count`` free."""
-    try:
-        free = int((POOL / "free_hugepages").read_text())
-    except FileNotFoundError:
-        free = 0
-    if free < count:
-        reason = (f"needs {count} free 2 MiB huge pages, the pool has {free} "
-                  f"(as root: echo 64 > /proc/sys/vm/nr_hugepages, as .ci/run does)")
-        if os.environ.get("PARALLEL_SAVE_REQUIRE_HUGE_PAGES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 @pytest.fixture(params=["hugetlbfs", "thp"])
 def huge_memory(request, tmp_path) -> tuple[str, Path]:
     """A mount whose files are memory in 2 MiB pages."""
     if request.param == "hugetlbfs":
-        _need_huge_pages(MOUNT_BYTES // HUGE_PAGE)
+        need_huge_pages(MOUNT_BYTES // HUGE_PAGE)
         options = f"pagesize=2M,size={MOUNT_BYTES}"
     else:
         options = f"huge=always,size={MOUNT_BYTES}"
@@ -67,7 +51,7 @@ def huge_memory(request, tmp_path) -> tuple[str, Path]:
 def unlimited_hugetlbfs(tmp_path) -> Path:
     """A hugetlbfs mounted as /dev/hugepages is, without a size limit: it
     says it has 0 of 0 blocks, and takes its pages from the pool."""
-    _need_huge_pages(4)
+    need_huge_pages(4)
     with mounted(tmp_path / "hugepages", "hugetlbfs", "pagesize=2M") as mount_point:
         yield mount_point
 
