@@ -123,28 +123,36 @@ def _long_runs(seed: int) -> tuple[np.ndarray, int]:
 
 
 @pytest.mark.parametrize("destination_bytes", [0x00, 0xA5], ids=["zero", "other-bytes"])
-def test_a_lone_channel_restores_long_runs_into_huge_pages_on_both_threads(
+def test_a_lone_channel_restores_into_huge_pages_on_both_its_threads(
         huge_memory, tmp_path, monkeypatch, destination_bytes):
     """One channel with its look-ahead thread (pinned: it has one wherever
-    there are more CPUs than channels) reads a window of long runs into a
-    hugetlbfs a step at a time, its own thread from the front and the
-    look-ahead thread from the back (into a tmpfs of huge pages the steps
-    go by sendfile): every present page lands exactly once at its place,
-    and every other page is zero, whether the destination was zero (the
-    restore told so) or held other bytes."""
+    there are more CPUs than channels) restoring into a hugetlbfs reads
+    whole windows on both threads, each taking the next window as it ends
+    one (into a tmpfs of huge pages, it sends long runs by sendfile): every
+    present page lands exactly once at its place, and every other page is
+    zero, whether the destination was zero (the restore told so) or held
+    other bytes."""
     monkeypatch.setenv("PARALLEL_SAVE_LOOKAHEAD", "1")
     _, mount_point = huge_memory
     pages, nonzero = _long_runs(seed=11)
+    # Four blocks of 4 MiB carved out of one file: a window each, so both
+    # threads have windows to take.
+    quarters = [slice(at, at + BLOCK_BYTES // 4) for at in range(0, BLOCK_BYTES, BLOCK_BYTES // 4)]
+    names = [f"ram{number}" for number in range(4)]
     source, source_array = _memory_file(mount_point / "source.ram", pages)
     image = tmp_path / "runs.img"
-    with ps.RamBlock.from_file("pc.ram", mount_point / "source.ram", writable=False) as block:
-        assert ps.save(image, [block], channels=1).pages_written == nonzero
+    blocks = [ps.RamBlock(name, memoryview(source)[part]) for name, part in zip(names, quarters)]
+    assert ps.save(image, blocks, channels=1).pages_written == nonzero
+    for block in blocks:
+        block.close()
 
     destination, destination_array = _memory_file(
         mount_point / "destination.ram", np.full(pages.shape, destination_bytes, np.uint8))
-    with ps.RamBlock.from_file("pc.ram", mount_point / "destination.ram") as block:
-        restored = ps.restore(image, [block], channels=1,
-                              assume_zero=destination_bytes == 0)
+    blocks = [ps.RamBlock(name, memoryview(destination)[part])
+              for name, part in zip(names, quarters)]
+    restored = ps.restore(image, blocks, channels=1, assume_zero=destination_bytes == 0)
+    for block in blocks:
+        block.close()
     assert restored.pages_read == nonzero
     assert np.array_equal(destination_array, source_array)
     del source_array, destination_array

@@ -29,6 +29,7 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 
 # Imported by name, so now, not on each forked channel's first look-ahead
@@ -467,7 +468,7 @@ class RestoreWindow:
     bits: OwnBits              # the image's bits of the channel's pages
     own_pages: int
     present_pages: int         # how many of them are present
-    stepped: bool              # worked a step at a time (_read_or_send): sent, or shared
+    send: bool                 # its long runs go into the destination's file (_read_or_send)
     pieces: list[np.ndarray] = field(default_factory=list)  # see Channel._map_ahead
 
 
@@ -545,6 +546,10 @@ class Channel:
         self.probe = bytearray(PAGE_SIZE)  # in_page_cache's read
         self.can_drop = True
         self.last_pass = False
+        # Whether both threads read windows (_restore_side_by_side), and
+        # what they count under.
+        self.side_by_side = False
+        self.accounting = threading.Lock()
         # The last pass's windows left mapped, oldest first, and their own
         # pages (_let_go).
         self.kept: collections.deque[tuple[BlockMapping, int, int, int]] = collections.deque()
@@ -841,7 +846,7 @@ class Channel:
         while self.kept_pages > self.plan.kept_pages:
             mapped, first, end, own = self.kept.popleft()
             self.kept_pages -= own
-            if self.lookahead is not None:
+            if self.lookahead is not None and not self.side_by_side:
                 # A lone channel's thread is the one writer (or reader): the
                 # look-ahead thread lets go, once done with the next window
                 # (a dense 1 GiB by one channel: 414-420 ms with the exit's
@@ -967,9 +972,12 @@ class Channel:
         self.last_pass = last
         windows = (self._prepare_restore(*window)
                    for window in self._windows(chunks, claim))
+        if self.lookahead is not None and all(b.page_bytes > PAGE_SIZE for b in self.blocks):
+            self._restore_side_by_side(windows, zero_clear)
+            return
         if self.lookahead is None:
             for work in windows:
-                if zero_clear and not work.stepped:
+                if zero_clear and not work.send:
                     self._ready_restore(work)
                 else:
                     # Into a destination known to be zero, pread faults the
@@ -979,18 +987,17 @@ class Channel:
                     self._read_ahead(work)
                 self._read_window(work, zero_clear)
             return
-        # With a look-ahead thread, a stepped window (of long runs, or into
-        # memory in huge pages) is sent or read a step at a time while the
-        # thread reads its last steps (_read_or_send); for other windows,
-        # the thread readies the next one while this one is read.
+        # With a look-ahead thread, a window of long runs is sent while
+        # the thread reads its last steps (_read_or_send); for other
+        # windows, the thread readies the next one while this one is read.
         if zero_clear:
             # A destination that may hold anything: the look-ahead thread
             # populates the next window's runs while this one is read.
             self._one_window_ahead(
                 windows,
-                lambda work: self._advise_stepped(work) if work.stepped else [
+                lambda work: [] if work.send else [
                     self.lookahead.submit(self._ready_restore, work)],
-                lambda work, ahead: (self._read_window(work, True) if work.stepped
+                lambda work, ahead: (self._read_window(work, True) if work.send
                                      else self._read_populated(work, ahead)))
             return
         # Into a destination known to be zero, the next window's present
@@ -998,30 +1005,55 @@ class Channel:
         # restore) by the look-ahead thread while this one reads the window
         # before, and by both where this thread is done first.
         self._one_window_ahead(
-            windows, lambda work: self._advise_stepped(work) if work.stepped else self._map_ahead(work),
-            lambda work, ahead: (self._read_window(work, False) if work.stepped
+            windows, lambda work: [] if work.send else self._map_ahead(work),
+            lambda work, ahead: (self._read_window(work, False) if work.send
                                  else self._read_mapped(work, ahead)))
+
+    def _restore_side_by_side(self, windows: Iterator[RestoreWindow], zero_clear: bool) -> None:
+        """A lone channel's two threads each read whole windows, taking the
+        next one as they finish one: into memory in huge pages (a hugetlbfs,
+        which refuses sendfile), where mapping the next window (allocating
+        and clearing its pages) while reading this one only has the two
+        threads compete for the memory's bandwidth: 1 GiB into a hugetlbfs
+        took 107 ms so, 91 ms by one thread faulting the pages in as it
+        reads, 66-77 ms by two threads reading half each."""
+        self.can_send = False
+        self.side_by_side = True
+        taking = threading.Lock()
+        failed = False
+
+        def take() -> RestoreWindow | None:
+            with taking:
+                return None if failed else next(windows, None)
+
+        def read_windows() -> None:
+            nonlocal failed
+            try:
+                while (work := take()) is not None:
+                    self._read_ahead(work)
+                    self._read_window(work, zero_clear)
+            except BaseException:
+                failed = True  # the other thread takes no more windows
+                raise
+
+        other = self.lookahead.submit(read_windows)
+        try:
+            read_windows()
+        finally:
+            futures.wait([other])
+            self.side_by_side = False
+        other.result()
 
     def _prepare_restore(self, block: int, first: int, end: int, own: np.ndarray
                          ) -> RestoreWindow:
         bits = self._own_bits(self.control.pass_bitmap, block, first, end, own)
         starts, ends = split_spans(*bits.set_runs())
         present_pages = int((ends - starts).sum())
-        mapped = self.blocks[block]
-        long_runs = starts.size * MIN_SENT_RUN_PAGES <= present_pages
-        send = self.sending and self.can_send and mapped.fd >= 0 and long_runs
-        # Into memory in huge pages, mapping the next window (allocating and
-        # clearing its pages) while reading this one only has the two
-        # threads compete for the memory's bandwidth: 1 GiB into a
-        # hugetlbfs took 107 ms so, 91 ms by one thread faulting the pages
-        # as it reads, 66-77 ms by two threads reading half each.  So a lone
-        # channel's two threads share the reading of a window of long runs
-        # (of short ones, the loop over them holds the interpreter's lock).
-        shared = self.lookahead is not None and mapped.page_bytes > PAGE_SIZE and long_runs
+        send = (self.sending and self.can_send and self.blocks[block].fd >= 0
+                and starts.size * MIN_SENT_RUN_PAGES <= present_pages)
         return RestoreWindow(block, first, self.words[block][first:end],
                              self.plan.pages_offsets[block] + first * PAGE_SIZE,
-                             starts, ends, bits, bits.count(), present_pages,
-                             send or shared)
+                             starts, ends, bits, bits.count(), present_pages, send)
 
     def _ready_restore(self, work: RestoreWindow) -> None:
         """Map the pages that get bytes, one system call per run (a
@@ -1029,13 +1061,6 @@ class Channel:
         after the read), and start reading the window's span."""
         self._populate(work.block, work.first, work.starts, work.ends, write=True)
         self._read_ahead(work)
-
-    def _advise_stepped(self, work: RestoreWindow) -> list[futures.Future]:
-        """A stepped window's start, a window ahead: only the readahead of
-        its span, which the look-ahead thread, reading its steps from the
-        end back, would not get from the kernel's own."""
-        self._read_ahead(work)
-        return []
 
     def _map_ahead(self, work: RestoreWindow) -> list[futures.Future]:
         """Hand the look-ahead thread the mapping of a window's present
@@ -1082,7 +1107,7 @@ class Channel:
 
     def _read_window(self, work: RestoreWindow, zero_clear: bool) -> None:
         started = time.perf_counter_ns()
-        if work.stepped:
+        if work.send:
             sent = self._read_or_send(work)
         else:
             self._spans_io(_pread, "reading", work.words, work.starts.tolist(),
@@ -1094,19 +1119,20 @@ class Channel:
             self._zero(work.block, work.first, work.words, clear_starts.tolist(),
                        clear_ends.tolist())
             zeroed = int((clear_ends - clear_starts).sum())
-        row = self.counters
-        row[PAGES_READ] += int((work.ends - work.starts).sum())
-        row[PAGES_SENT] += sent
-        row[PAGES_ZEROED] += zeroed
-        row[WRITE_CALLS] += work.starts.size
-        # As the coordinator counts a pass's pages: all of them where clear
-        # pages are zeroed, else those the image holds.
-        row[PAGES_DONE] += work.own_pages if zero_clear else work.present_pages
-        row[SHARDS_DONE] += 1
-        row[BUSY_NS] += time.perf_counter_ns() - started
-        if self.last_pass:
-            self._let_go(work.block, work.first, work.first + work.words.shape[0],
-                         work.own_pages)
+        with self.accounting:  # two threads may read windows (_restore_side_by_side)
+            row = self.counters
+            row[PAGES_READ] += int((work.ends - work.starts).sum())
+            row[PAGES_SENT] += sent
+            row[PAGES_ZEROED] += zeroed
+            row[WRITE_CALLS] += work.starts.size
+            # As the coordinator counts a pass's pages: all of them where
+            # clear pages are zeroed, else those the image holds.
+            row[PAGES_DONE] += work.own_pages if zero_clear else work.present_pages
+            row[SHARDS_DONE] += 1
+            row[BUSY_NS] += time.perf_counter_ns() - started
+            if self.last_pass:
+                self._let_go(work.block, work.first, work.first + work.words.shape[0],
+                             work.own_pages)
 
     def _read_or_send(self, work: RestoreWindow) -> int:
         """Bring the window's present pages into the destination a step at
