@@ -1124,7 +1124,7 @@ class Channel:
             zeroed = int((clear_ends - clear_starts).sum())
         with self.accounting:  # two threads may read windows (_restore_side_by_side)
             row = self.counters
-            row[PAGES_READ] += int((work.ends - work.starts).sum())
+            row[PAGES_READ] += work.present_pages
             row[PAGES_SENT] += sent
             row[PAGES_ZEROED] += zeroed
             row[WRITE_CALLS] += work.starts.size
