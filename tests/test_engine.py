@@ -838,6 +838,59 @@ def test_a_finished_call_returns_before_its_channels_exit_and_they_are_reaped(
     assert open_fds() <= before
 
 
+def _held_inodes(pid: int) -> set[int]:
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            held.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+    return held
+
+
+def test_a_forked_channel_holds_no_end_of_another_channels_connection(shm, tmp_path,
+                                                                      monkeypatch):
+    # A channel done with its last pass lets go of its memory once its
+    # coordinator closes their connection, which it sees only if no other
+    # process holds the coordinator's end: a channel process forked after
+    # it would, but for closing its copies.
+    monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", "2")
+    block = shm.block("ram0", 256, fill=0.5)
+    with ps.Saver(tmp_path / "vm.img", [block], channels=2, start_method="fork") as saver:
+        saver.setup()
+        ends = {os.fstat(connection.fileno()).st_ino for connection in saver._group.connections}
+        processes = saver._group.processes
+        assert len(processes) == 2 and len(ends) == 2
+        for process in processes:
+            assert not _held_inodes(process.pid) & ends, process.pid
+        saver.complete()
+    assert_restores_exactly(tmp_path / "vm.img", [block], shm, channels=2)
+
+
+def test_channels_done_with_their_last_pass_exit_while_another_process_holds_their_ends(
+        shm, tmp_path, monkeypatch):
+    # A process forked by another thread of the caller during a save holds
+    # copies of the coordinator's ends of the connections: the channels do
+    # not wait for it beyond LAST_PASS_LINGER (workers/channel.py; the
+    # reaper, which would kill them, is given far longer here).
+    monkeypatch.setattr(channels, "STOP_GRACE", 60.0)
+    block = shm.block("ram0", 256, fill=0.5)
+    release_read, release_write = os.pipe()
+    with ps.Saver(tmp_path / "vm.img", [block], channels=2) as saver:
+        saver.setup()
+        holder = os.fork()
+        if holder == 0:
+            os.read(release_read, 1)
+            os._exit(0)
+        try:
+            saver.complete()
+            assert ps.wait_channels(timeout=30)
+            assert os.waitpid(holder, os.WNOHANG) == (0, 0)  # it held them all along
+        finally:
+            os.write(release_write, b"x")
+            os.waitpid(holder, 0)
+            os.close(release_read)
+            os.close(release_write)
+
+
 @pytest.mark.parametrize("kept_mib", [0, 64])
 def test_a_last_pass_leaves_at_most_its_share_mapped_for_the_exit(shm, tmp_path, monkeypatch,
                                                                   kept_mib):
