@@ -107,13 +107,14 @@ def _exit_description(exitcode: int | None) -> str:
 
 
 def _channel(channels: list[tuple[int, Connection]], plan: ChannelPlan,
-             forked_by_main_thread: bool = False) -> None:
+             forked_by_main_thread: bool = False,
+             handles: tuple[int, int, int] | None = None) -> None:
     """A channel process (hosting ``channels``: numbers and connections):
     forked while the coordinator held its stop signals back, it starts
     from the default handlers, not from the coordinator's."""
     for signum in TERMINATE_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
-    channel_process.channel_main(channels, plan, forked_by_main_thread)
+    channel_process.channel_main(channels, plan, forked_by_main_thread, handles)
 
 
 def choose_start_method(start_method: str | None) -> str:
@@ -343,10 +344,16 @@ class ForkedChannel(ForeignChannel):
     as a ``multiprocess.Process``, whose bookkeeping (pipes, finalizers,
     after-fork hooks) cost each channel about 1 ms of CPU in the child and
     as much again here: at 8 channels on 2 cores, setup took 22-27 ms
-    instead of 26-31."""
+    instead of 26-31.  ``handles`` (the image's, the control segment's
+    and the claims pipe's descriptors) it inherits, and attaches at once,
+    instead of waiting for them to come over its connection after every
+    other channel process has been forked."""
+
+    inherits_handles = True
 
     def __init__(self, numbers: list[int], plan: ChannelPlan,
-                 siblings: Sequence[Connection] = ()) -> None:
+                 siblings: Sequence[Connection] = (),
+                 handles: tuple[int, int, int] | None = None) -> None:
         # What this process has buffered would be written twice, if the
         # child ever flushed its copy (a traceback on stderr).
         for stream in (sys.stdout, sys.stderr):
@@ -372,7 +379,8 @@ class ForkedChannel(ForeignChannel):
                 for ours in [*(ours for ours, _ in pairs), *siblings]:
                     ours.close()
                 _channel([(number, Connection(theirs.detach()))
-                          for number, (_, theirs) in zip(numbers, pairs)], plan, by_main_thread)
+                          for number, (_, theirs) in zip(numbers, pairs)], plan, by_main_thread,
+                         handles)
                 status = 0
             except BaseException:  # noqa: BLE001 -- what the channel could not report
                 traceback.print_exc()
@@ -518,10 +526,13 @@ class ChannelGroup:
                 if method == "snapshot":
                     self._start_snapshot()
                 else:
-                    self._start_processes(method)
+                    self._start_processes(method, image_fd)
                 for ours, process in zip(self.connections, self.processes):
-                    # Over the connection's socket (SCM_RIGHTS): the channel
-                    # works on the very file the coordinator checked.
+                    # Over the connection's socket (SCM_RIGHTS), unless
+                    # inherited: the channel works on the very file the
+                    # coordinator checked.
+                    if getattr(process, "inherits_handles", False):
+                        continue
                     try:
                         reduction.send_handle(ours, image_fd, process.pid)
                         reduction.send_handle(ours, self.control.fd, process.pid)
@@ -534,7 +545,7 @@ class ChannelGroup:
             self.stop(force=True)
             raise
 
-    def _start_processes(self, method: str) -> None:
+    def _start_processes(self, method: str, image_fd: int) -> None:
         """Start the channel processes; ``processes`` and ``connections``
         are indexed by channel number (one process may appear for several)."""
         hosts = channel_hosts(self.count, method)
@@ -545,8 +556,10 @@ class ChannelGroup:
                 if method == "spawn":
                     process = SpawnedChannel(numbers, self.plan)
                 else:
-                    process = ForkedChannel(numbers, self.plan, [
-                        connection for connection in self.connections if connection])
+                    process = ForkedChannel(
+                        numbers, self.plan,
+                        [connection for connection in self.connections if connection],
+                        (image_fd, self.control.fd, self.claims_read))
                 for number, connection in zip(numbers, process.connections):
                     self.processes[number] = process
                     self.connections[number] = connection

@@ -1262,11 +1262,15 @@ def _describe(error: BaseException) -> str:
 
 
 def channel_main(channels: list[tuple[int, object]], plan: ChannelPlan,
-                 forked_by_main_thread: bool = False) -> None:
+                 forked_by_main_thread: bool = False,
+                 handles: tuple[int, int, int] | None = None) -> None:
     """A channel process's whole life: it hosts ``channels`` (their numbers
     and connections), each on a thread of its own, the first on the main
     thread.  ``forked_by_main_thread``: the coordinator's main thread
-    forked it (die_with_coordinator)."""
+    forked it (die_with_coordinator).  ``handles``: the image's, the
+    control segment's and the claims pipe's descriptors, inherited from a
+    coordinator that forked this process; else each channel receives them
+    over its connection."""
     # As ps(1) and top(1) show it: a forked channel would otherwise bear
     # its coordinator's name.  Each thread is named after its channel.
     libc.set_process_name(f"ps channel {channels[0][0]}")
@@ -1282,12 +1286,13 @@ def channel_main(channels: list[tuple[int, object]], plan: ChannelPlan,
     opened: list[Channel] = []
     # Daemons: a process that fails to start one exits at once (and its
     # coordinator reports it), without waiting for the others.
-    threads = [threading.Thread(target=_serve, args=(number, conn, plan, hosted, opened),
+    threads = [threading.Thread(target=_serve,
+                                args=(number, conn, plan, hosted, opened, handles),
                                 name=f"ps channel {number}", daemon=True)
                for number, conn in channels[1:]]
     for thread in threads:
         thread.start()
-    _serve(*channels[0], plan, hosted, opened)
+    _serve(*channels[0], plan, hosted, opened, handles)
     for thread in threads:
         thread.join()
     # What is left (unmapping what the last pass kept mapped, the exit) is
@@ -1304,7 +1309,7 @@ def channel_main(channels: list[tuple[int, object]], plan: ChannelPlan,
 
 
 def _serve(number: int, conn, plan: ChannelPlan, hosted: HostedTurns,
-           opened: list[Channel]) -> None:
+           opened: list[Channel], handles: tuple[int, int, int] | None) -> None:
     """One channel: attach, then handle the coordinator's messages until
     told to stop (or the last pass is done).  An error is reported to the
     coordinator, which then stops every channel."""
@@ -1312,9 +1317,13 @@ def _serve(number: int, conn, plan: ChannelPlan, hosted: HostedTurns,
         libc.set_process_name(f"ps channel {number}")
     running = hosted.running if plan.passes_in_turn else contextlib.nullcontext()
     try:
-        image_fd = reduction.recv_handle(conn)
-        control_fd = reduction.recv_handle(conn)
-        claims_fd = reduction.recv_handle(conn)
+        if handles is None:
+            image_fd = reduction.recv_handle(conn)
+            control_fd = reduction.recv_handle(conn)
+            claims_fd = reduction.recv_handle(conn)
+        else:
+            # Each channel its own, as received ones are: it closes them.
+            image_fd, control_fd, claims_fd = (os.dup(fd) for fd in handles)
         channel = Channel(number, plan, image_fd, control_fd, claims_fd, hosted)
         opened.append(channel)
         conn.send_bytes(pickle.dumps((READY,)))
@@ -1345,7 +1354,10 @@ def _serve(number: int, conn, plan: ChannelPlan, hosted: HostedTurns,
                 # machine with no CPU to spare: 1-7 ms of a 2-channel save
                 # of 1 GiB on 2 cores, 0.5 ms after.  Bounded, should a
                 # process forked by another of the caller's threads hold a
-                # copy of the coordinator's end.
+                # copy of the coordinator's end.  Woken by the close at the
+                # lowest priority (channel_main), it does not take the CPU
+                # from the coordinator closing the next connection.
+                os.setpriority(os.PRIO_PROCESS, 0, 19)
                 conn.poll(LAST_PASS_LINGER)
                 break
     except (EOFError, BrokenPipeError):
