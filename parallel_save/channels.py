@@ -164,24 +164,27 @@ def restore_readers(count: int) -> int:
     return max(1, cpus - 1) if count > cpus else 0
 
 
-def passes_in_turn(writing: bool, direct_io: bool) -> bool:
+def passes_in_turn(direct_io: bool) -> bool:
     """Whether the channels one process hosts (channel_hosts) run their
-    passes one at a time, the others waiting: a buffered restore's.  Its
-    channels beyond one per CPU only compete for the CPU, the file's turn
-    and a reader's place (restore_readers): side by side they only add
-    the switches and handovers between them (1 GiB at 8 channels, medians
-    of 8: guest-like 233 -> 214 ms, dense 526 -> 471 ms in turn).  A
-    save's are left side by side: a saving channel waiting for the file's
-    turn checks its next steps for zeros meanwhile, a sibling's work the
-    wait overlaps (guest-like 1 GiB at 8 channels, three A/Bs: 267, 275,
-    249 ms side by side, 283, 286, 263 in turn; a random half-zero one
-    was faster in turn, 490 -> 424 ms, dense the same).  With direct I/O a
-    channel waits on the disk, and a sibling runs meanwhile.
-    $PARALLEL_SAVE_PASSES_IN_TURN pins it."""
+    passes one at a time, the others waiting: a buffered save's or
+    restore's.  Its channels beyond one per CPU only compete for the CPU,
+    the file's turn and a reader's place (restore_readers): side by side
+    they only add the switches and handovers between them.  Restores of
+    1 GiB at 8 channels, medians of 8: guest-like 233 -> 214 ms, dense
+    526 -> 471 ms in turn.  Saves (python -m bench.ab, medians of 12):
+    random half-zero 650.6 -> 594.5 ms at 8 channels (faster in 12 of
+    12), 654.3 -> 618.9 at 4; dense 319.2 -> 292.3 at 8; guest-like 227.3
+    -> 207.7 at 8, 212.5 -> 210.9 at 4 (the same); the passes of a live
+    save at 8 channels, guest-like, first 297 -> 266 ms, over 1 % of the
+    pages 27.0 -> 19.9 ms, over 10 % 75.0 -> 58.1 ms.  (With an earlier
+    engine, a save's were faster side by side, a channel checking zeros
+    while it waited for the file's turn: guest-like 249-267 -> 263-283 ms
+    in turn.)  With direct I/O a channel waits on the disk, and a sibling
+    runs meanwhile.  $PARALLEL_SAVE_PASSES_IN_TURN pins it."""
     pinned = os.environ.get("PARALLEL_SAVE_PASSES_IN_TURN")
     if pinned:
         return pinned == "1"
-    return not writing and not direct_io
+    return not direct_io
 
 
 def channel_hosts(count: int, method: str) -> list[list[int]]:
@@ -510,7 +513,7 @@ class ChannelGroup:
                            lookahead=lookahead(count),
                            turns=not direct_io and take_turns(count),
                            readers=0 if writing else restore_readers(count),
-                           passes_in_turn=passes_in_turn(writing, direct_io),
+                           passes_in_turn=passes_in_turn(direct_io),
                            kept_pages=LAST_PASS_KEPT_BYTES // PAGE_SIZE // count,
                            shard_chunks=shard_chunks(layout.chunks, count, capacity))
         group = cls(count, plan, control, claims)

@@ -452,40 +452,55 @@ def test_channels_hosted_by_fewer_processes_save_and_restore_exactly(shm, tmp_pa
         assert_restores_exactly(path, blocks, shm, channels=3)
 
 
+@contextlib.contextmanager
+def watching_done(control):
+    """A thread of ours reading each channel's count of pages done from the
+    control segment over and over while the block runs; yields the list
+    of what it saw.  (Not at the coordinator's wake-ups: two channels
+    that find no work left reply together, and a pass may end between
+    two of its progress reports.)"""
+    seen = []
+    running = threading.Event()
+    running.set()
+
+    def watch() -> None:
+        while running.is_set():
+            seen.append(control.counters[:, PAGES_DONE].copy())
+            time.sleep(0.0002)  # a few hundred looks a pass, not a GIL held throughout
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        running.clear()
+        watcher.join()
+
+
+def most_partly_done(seen: list[np.ndarray], before: np.ndarray, after: np.ndarray) -> int:
+    """The most channels seen part-way through their share of a pass at
+    once (``before`` and ``after``: their counts of pages done around it)."""
+    during = [done for done in seen if before.sum() < done.sum() < after.sum()]
+    assert len(during) >= 10  # the pass was watched, not only before and after
+    return max(int(((before < done) & (done < after)).sum()) for done in during)
+
+
 def partly_done_together(path, targets: list[ps.RamBlock], channels: int) -> int:
-    """Restore ``path`` into ``targets`` through a channel group, a thread
-    of ours reading each channel's count of pages done from the control
-    segment over and over while the pass runs: the most channels seen
-    part-way through their share at once.  (Not at the coordinator's
-    wake-ups: two channels that find no work left reply together, and the
-    pass may end between two of its progress reports.)"""
+    """Restore ``path`` into ``targets`` through a channel group, watched:
+    the most channels seen part-way through their share at once."""
     with ps.open_image(path) as image:
         blocks = list(image.blocks.values())
         group = ChannelGroup.launch(
             channels, image.fileno(), str(path), writing=False, direct_io=False,
             sources=[target.source for target in targets],
             pages_offsets=[b.layout.pages_offset for b in blocks])
-        seen = []
-        running = threading.Event()
-        running.set()
-
-        def watch() -> None:
-            while running.is_set():
-                seen.append(group.control.counters[:, PAGES_DONE].copy())
-                time.sleep(0.0002)  # a few hundred looks a pass, not a GIL held throughout
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
         try:
-            group.restore_pass([b.data_bitmap() for b in blocks], True, None, last=True)
-            shares = group.control.counters[:, PAGES_DONE].copy()
+            before = group.control.counters[:, PAGES_DONE].copy()
+            with watching_done(group.control) as seen:
+                group.restore_pass([b.data_bitmap() for b in blocks], True, None, last=True)
+            return most_partly_done(seen, before, group.control.counters[:, PAGES_DONE].copy())
         finally:
-            running.clear()
-            watcher.join()
             group.stop(force=True)
-    during = [done for done in seen if 0 < done.sum() < shares.sum()]
-    assert len(during) >= 10  # the pass was watched, not only before and after
-    return max(int(((0 < done) & (done < shares)).sum()) for done in during)
 
 
 def test_a_buffered_restores_hosted_channels_run_their_passes_in_turn(shm, tmp_path,
@@ -501,18 +516,38 @@ def test_a_buffered_restores_hosted_channels_run_their_passes_in_turn(shm, tmp_p
     assert np.array_equal(target.array, block.array)
 
 
-def test_only_a_buffered_restores_hosted_channels_run_in_turn(monkeypatch):
-    """Where they only compete for the CPU: a save's stay side by side (a
-    channel waiting for the file's turn checks zeros meanwhile), as do
-    direct I/O's (a channel waits on the disk)."""
+def test_a_buffered_saves_hosted_channels_run_their_passes_in_turn(shm, tmp_path,
+                                                                   monkeypatch):
+    """Three channels hosted by one process, in a pass that deals each of
+    them its chunks (a live save's first): at most one of them is ever
+    part-way through its share, and the image restores exactly."""
+    monkeypatch.setenv("PARALLEL_SAVE_CHANNEL_PROCESSES", "1")
     monkeypatch.delenv("PARALLEL_SAVE_PASSES_IN_TURN", raising=False)
-    assert passes_in_turn(writing=False, direct_io=False)
-    assert not passes_in_turn(writing=True, direct_io=False)
-    assert not passes_in_turn(writing=False, direct_io=True)
+    block = shm.block("ram0", 32768, fill=0.6, seed=73)
+    path = tmp_path / "vm.img"
+    with ps.Saver(path, [block], channels=3) as saver:
+        saver.setup()
+        control = saver._group.control
+        before = control.counters[:, PAGES_DONE].copy()
+        with watching_done(control) as seen:
+            saver.iterate()
+        after = control.counters[:, PAGES_DONE].copy()
+        assert (after > before).all()  # each had its share
+        assert most_partly_done(seen, before, after) <= 1  # side by side: 2-3
+        saver.complete(dirty={})
+    assert_restores_exactly(path, [block], shm, channels=2)
+
+
+def test_only_direct_io_channels_hosted_by_one_process_run_side_by_side(monkeypatch):
+    """Where a channel waits on the disk and a sibling can run meanwhile;
+    a buffered save's or restore's only compete for the CPU."""
+    monkeypatch.delenv("PARALLEL_SAVE_PASSES_IN_TURN", raising=False)
+    assert passes_in_turn(direct_io=False)
+    assert not passes_in_turn(direct_io=True)
     monkeypatch.setenv("PARALLEL_SAVE_PASSES_IN_TURN", "1")
-    assert passes_in_turn(writing=True, direct_io=True)
+    assert passes_in_turn(direct_io=True)
     monkeypatch.setenv("PARALLEL_SAVE_PASSES_IN_TURN", "0")
-    assert not passes_in_turn(writing=False, direct_io=False)
+    assert not passes_in_turn(direct_io=False)
 
 
 def mapped_kib(address: int) -> int:
