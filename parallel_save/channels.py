@@ -171,10 +171,12 @@ def passes_in_turn(direct_io: bool) -> bool:
     the file's turn and a reader's place (restore_readers): side by side
     they only add the switches and handovers between them.  Restores of
     1 GiB at 8 channels, medians of 8: guest-like 233 -> 214 ms, dense
-    526 -> 471 ms in turn.  Saves (python -m bench.ab, medians of 12):
-    random half-zero 650.6 -> 594.5 ms at 8 channels (faster in 12 of
-    12), 654.3 -> 618.9 at 4; dense 319.2 -> 292.3 at 8; guest-like 227.3
-    -> 207.7 at 8, 212.5 -> 210.9 at 4 (the same); the passes of a live
+    526 -> 471 ms in turn.  Saves (python -m bench.ab, two A/Bs of 12
+    and 10 rounds, medians): random half-zero at 8 channels 650.6 ->
+    594.5 and 648.2 -> 567.6 ms (faster in 12 of 12, 10 of 10), 654.3 ->
+    618.9 at 4; dense at 8 319.2 -> 292.3 and 317.4 -> 305.0; guest-like
+    at 8 227.3 -> 207.7 and 217.5 -> 225.1, 212.5 -> 210.9 at 4 (the
+    same, within the machine's noise); the passes of a live
     save at 8 channels, guest-like, first 297 -> 266 ms, over 1 % of the
     pages 27.0 -> 19.9 ms, over 10 % 75.0 -> 58.1 ms.  (With an earlier
     engine, a save's were faster side by side, a channel checking zeros
