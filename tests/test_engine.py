@@ -455,7 +455,7 @@ def test_channels_hosted_by_fewer_processes_save_and_restore_exactly(shm, tmp_pa
 @contextlib.contextmanager
 def watching_done(control):
     """A thread of ours reading each channel's count of pages done from the
-    control segment over and over while the block runs; yields the list
+    control segment over and over while the ``with`` block runs; yields the list
     of what it saw.  (Not at the coordinator's wake-ups: two channels
     that find no work left reply together, and a pass may end between
     two of its progress reports.)"""

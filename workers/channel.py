@@ -1351,12 +1351,13 @@ def _serve(number: int, conn, plan: ChannelPlan, hosted: HostedTurns,
                 # Letting go of what the pass kept mapped takes CPU (about
                 # 20 ms a GiB a channel), which the coordinator's last steps
                 # (bitmaps, END, rename) would otherwise wait for on a
-                # machine with no CPU to spare: 1-7 ms of a 2-channel save
+                # machine with no CPU to spare: 1-9 ms of a 2-channel save
                 # of 1 GiB on 2 cores, 0.5 ms after.  Bounded, should a
                 # process forked by another of the caller's threads hold a
-                # copy of the coordinator's end.  Woken by the close at the
-                # lowest priority (channel_main), it does not take the CPU
-                # from the coordinator closing the next connection.
+                # copy of the coordinator's end.  It waits at the lowest
+                # priority, the one its exit runs at (channel_main): woken
+                # by the close, it does not take the CPU from the
+                # coordinator closing the next connection.
                 os.setpriority(os.PRIO_PROCESS, 0, 19)
                 conn.poll(LAST_PASS_LINGER)
                 break
