@@ -238,6 +238,8 @@ class SpawnedChannel:
     (one per channel it hosts) are socket pairs inherited through exec;
     its sentinel a pidfd."""
 
+    inherits_handles = False  # a new interpreter: they come over its connections
+
     # The new interpreter imports the very parallel_save this one runs.
     _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
@@ -317,6 +319,8 @@ class ForeignChannel:
     """A channel that is not our child (a snapshot's holder forked it), with
     the few methods of a ``multiprocess.Process`` the group uses: it is
     watched and killed through a pidfd; how it ended is not ours to see."""
+
+    inherits_handles = False  # forked by a holder: they come over its connection
 
     def __init__(self, number: int, pid: int) -> None:
         self.name = f"parallel-save channel {number}"
@@ -536,7 +540,7 @@ class ChannelGroup:
                     # Over the connection's socket (SCM_RIGHTS), unless
                     # inherited: the channel works on the very file the
                     # coordinator checked.
-                    if getattr(process, "inherits_handles", False):
+                    if process.inherits_handles:
                         continue
                     try:
                         reduction.send_handle(ours, image_fd, process.pid)
